@@ -1,0 +1,277 @@
+"""Matrix-free linear operators on batched flat vectors.
+
+Every operator acts on a batch of vectors ``v`` of shape ``[B, n]`` and returns
+``A_b v_b`` for each batch element ``b``: one (usually implicit) ``n x n`` matrix
+per element. Operators only apply; they never solve and never differentiate.
+
+Structure is declared, never guessed: ``symmetric`` and ``positive_definite`` are
+flags set by whoever builds the operator (sums keep them when both terms have
+them). An operator may know its diagonal exactly (:meth:`LinearOperator.diagonal`),
+which the Jacobi preconditioner uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LinearOperator",
+    "FunctionOperator",
+    "DiagonalOperator",
+    "SumOperator",
+    "ScaledOperator",
+    "GaussNewtonOperator",
+    "HessianOperator",
+    "materialize",
+]
+
+
+class LinearOperator:
+    """A batch of linear maps ``[B, n] -> [B, n]``.
+
+    Subclasses implement :meth:`mv`. ``shape`` is ``(B, n)``.
+    """
+
+    symmetric: bool = False
+    positive_definite: bool = False
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
+        if len(shape) != 2 or shape[0] < 1 or shape[1] < 0:
+            raise ValueError(f"operator shape must be (B >= 1, n >= 0), got {tuple(shape)}")
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def mv(self, v: Tensor) -> Tensor:
+        """Returns ``A v`` for a batch ``v`` of shape ``[B, n]``."""
+        raise NotImplementedError
+
+    def diagonal(self) -> Tensor | None:
+        """The exact diagonal ``[B, n]`` where known, else ``None``."""
+        return None
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.mv(v)
+
+    def __add__(self, other: LinearOperator) -> LinearOperator:
+        return SumOperator(self, other)
+
+    def __mul__(self, scale: float | Tensor) -> LinearOperator:
+        return ScaledOperator(self, scale)
+
+    __rmul__ = __mul__
+
+    def check_vector(self, v: Tensor, name: str = "v") -> None:
+        """Raises ``ValueError`` unless ``v`` has this operator's shape."""
+        if tuple(v.shape) != self.shape:
+            raise ValueError(
+                f"{name} must have shape {self.shape} (batch, n) for this operator, "
+                f"got {tuple(v.shape)}"
+            )
+
+    def __repr__(self) -> str:
+        flags = []
+        if self.symmetric:
+            flags.append("symmetric")
+        if self.positive_definite:
+            flags.append("positive_definite")
+        return f"{type(self).__name__}(shape={self.shape}, {', '.join(flags) or 'general'})"
+
+
+class FunctionOperator(LinearOperator):
+    """An operator given by any function ``mv: [B, n] -> [B, n]``.
+
+    Args:
+        mv: the matrix-vector product.
+        shape: ``(B, n)``.
+        dtype, device: of the vectors it acts on.
+        diagonal: the exact diagonal ``[B, n]``, if known.
+        symmetric, positive_definite: declared structure.
+    """
+
+    def __init__(
+        self,
+        mv: Callable[[Tensor], Tensor],
+        shape: tuple[int, int],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        *,
+        diagonal: Tensor | None = None,
+        symmetric: bool = False,
+        positive_definite: bool = False,
+    ):
+        super().__init__(shape, dtype, device)
+        self._mv = mv
+        self._diagonal = diagonal
+        self.symmetric = symmetric
+        self.positive_definite = positive_definite
+        if diagonal is not None:
+            self.check_vector(diagonal, "diagonal")
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self._mv(v)
+
+    def diagonal(self) -> Tensor | None:
+        return self._diagonal
+
+
+class DiagonalOperator(LinearOperator):
+    """``diag(d)`` per batch element; ``d`` has shape ``[B, n]``.
+
+    Symmetric; positive definite when declared so (``d > 0`` is the caller's promise,
+    e.g. proximal weights ``Lambda``).
+    """
+
+    symmetric = True
+
+    def __init__(self, diagonal: Tensor, *, positive_definite: bool = False):
+        if diagonal.dim() != 2:
+            raise ValueError(
+                f"diagonal must have shape [B, n], got {tuple(diagonal.shape)}"
+            )
+        super().__init__(tuple(diagonal.shape), diagonal.dtype, diagonal.device)
+        self.d = diagonal
+        self.positive_definite = positive_definite
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self.d * v
+
+    def diagonal(self) -> Tensor:
+        return self.d
+
+
+class SumOperator(LinearOperator):
+    """``A + B``. Symmetric if both are; positive definite if both are symmetric,
+    one is positive definite and the other positive semi-definite by declaration
+    (see ``semidefinite``)."""
+
+    def __init__(self, a: LinearOperator, b: LinearOperator):
+        if a.shape != b.shape:
+            raise ValueError(f"cannot add operators of shapes {a.shape} and {b.shape}")
+        super().__init__(a.shape, a.dtype, a.device)
+        self.a, self.b = a, b
+        self.symmetric = a.symmetric and b.symmetric
+        semidef = getattr(a, "semidefinite", False) or getattr(b, "semidefinite", False)
+        self.positive_definite = self.symmetric and (
+            (a.positive_definite and b.positive_definite)
+            or (semidef and (a.positive_definite or b.positive_definite))
+        )
+        self.semidefinite = self.positive_definite or (
+            getattr(a, "semidefinite", False) and getattr(b, "semidefinite", False)
+        )
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self.a.mv(v) + self.b.mv(v)
+
+    def diagonal(self) -> Tensor | None:
+        da, db = self.a.diagonal(), self.b.diagonal()
+        if da is None or db is None:
+            return None
+        return da + db
+
+
+class ScaledOperator(LinearOperator):
+    """``c A`` for a scalar ``c`` or a per-batch-element scale ``[B]``."""
+
+    def __init__(self, op: LinearOperator, scale: float | Tensor):
+        super().__init__(op.shape, op.dtype, op.device)
+        self.op = op
+        scale = torch.as_tensor(scale, dtype=op.dtype, device=op.device)
+        if scale.dim() == 1:
+            scale = scale[:, None]
+        self.scale = scale
+        self.symmetric = op.symmetric
+        positive = bool((scale > 0).all())
+        self.positive_definite = op.positive_definite and positive
+        self.semidefinite = getattr(op, "semidefinite", False) and bool((scale >= 0).all())
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self.scale * self.op.mv(v)
+
+    def diagonal(self) -> Tensor | None:
+        d = self.op.diagonal()
+        return None if d is None else self.scale * d
+
+
+class GaussNewtonOperator(LinearOperator):
+    """``JᵀJ`` from a Jacobian-vector product and a vector-Jacobian product.
+
+    Args:
+        jvp: ``v [B, n] -> J v [B, m]``.
+        vjp: ``w [B, m] -> Jᵀ w [B, n]``.
+        shape: ``(B, n)``.
+        diagonal: ``diag(JᵀJ)`` ``[B, n]`` where known (exact or estimated; it only
+            preconditions).
+
+    Symmetric and positive semi-definite by construction (``semidefinite = True``),
+    so ``GaussNewtonOperator + DiagonalOperator(Λ > 0)`` is positive definite.
+    """
+
+    symmetric = True
+    semidefinite = True
+
+    def __init__(
+        self,
+        jvp: Callable[[Tensor], Tensor],
+        vjp: Callable[[Tensor], Tensor],
+        shape: tuple[int, int],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        *,
+        diagonal: Tensor | None = None,
+    ):
+        super().__init__(shape, dtype, device)
+        self.jvp, self.vjp = jvp, vjp
+        self._diagonal = diagonal
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self.vjp(self.jvp(v))
+
+    def diagonal(self) -> Tensor | None:
+        return self._diagonal
+
+
+class HessianOperator(LinearOperator):
+    """The exact Hessian of a per-element scalar function via Hessian-vector products.
+
+    Args:
+        hvp: ``v [B, n] -> ∇²f v [B, n]`` (built by the caller, e.g. forward-over-reverse).
+        shape, dtype, device: as for every operator.
+
+    Symmetric; definiteness is not assumed (non-convex data terms are common).
+    """
+
+    symmetric = True
+
+    def __init__(
+        self,
+        hvp: Callable[[Tensor], Tensor],
+        shape: tuple[int, int],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        *,
+        diagonal: Tensor | None = None,
+    ):
+        super().__init__(shape, dtype, device)
+        self._hvp = hvp
+        self._diagonal = diagonal
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self._hvp(v)
+
+    def diagonal(self) -> Tensor | None:
+        return self._diagonal
+
+
+def materialize(op: LinearOperator) -> Tensor:
+    """The dense matrices ``[B, n, n]`` of ``op`` (``n`` products). For small ``n``:
+    test oracles and the dense solver."""
+    batch, n = op.shape
+    eye = torch.eye(n, dtype=op.dtype, device=op.device)
+    cols = [op.mv(eye[j].expand(batch, n).contiguous()) for j in range(n)]
+    if not cols:
+        return torch.zeros(batch, 0, 0, dtype=op.dtype, device=op.device)
+    return torch.stack(cols, dim=-1)

@@ -1,0 +1,274 @@
+"""Batched, matrix-free preconditioned conjugate gradient.
+
+One SPD system per batch element: ``A_b x_b = b_b``. Each element has its own step
+sizes, convergence flag and iteration count; converged elements stop changing.
+The loop never synchronises with the host per iteration: convergence is tracked
+on the device and looked at every ``check_every`` iterations.
+
+Two departures from the textbook, both for float32 robustness:
+
+- every ``recompute_every`` iterations the recursive residual ``r`` is replaced by
+  the true ``b − A x`` (it drifts from it in finite precision);
+- when the recursive residual says an element converged, the true residual is
+  checked before that is believed; an element whose true residual is still too
+  large is restarted from its current iterate while iterations remain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..operators import LinearOperator
+from .preconditioners import JacobiPreconditioner, Preconditioner, make_preconditioner
+from .result import (
+    FAILURE_POLICIES,
+    LinearSolveResult,
+    Status,
+    apply_failure_policy,
+)
+
+__all__ = ["PCG", "default_max_iter"]
+
+BACKENDS = ("auto", "torch", "cupy")
+
+
+def default_max_iter(n: int) -> int:
+    """The iteration cap when none is given: ``2 n`` (CG's exact-arithmetic bound is
+    ``n``; float needs slack) clamped to ``[20, 10_000]``. It counts unknowns per
+    batch element, not tensor dimensions."""
+    return int(min(max(2 * n, 20), 10_000))
+
+
+class _TorchVectorOps:
+    """The per-iteration vector updates of PCG in plain torch (any device)."""
+
+    name = "torch"
+
+    @staticmethod
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sum(dim=1)
+
+    @staticmethod
+    def update_solution(x, r, p, q, alpha, active):
+        """``x += α p``; ``r −= α q`` for active elements (inactive ones keep ``r``,
+        whatever ``q`` holds)."""
+        x.add_(alpha[:, None] * p)
+        r.copy_(torch.where(active[:, None], r - alpha[:, None] * q, r))
+
+    @staticmethod
+    def precondition(r, inverse_diagonal):
+        """``z = M⁻¹ r`` (``inverse_diagonal=None``: identity), ``⟨r, z⟩`` and ``⟨r, r⟩``."""
+        z = r if inverse_diagonal is None else inverse_diagonal * r
+        return z, (r * z).sum(dim=1), (r * r).sum(dim=1)
+
+    @staticmethod
+    def update_direction(p, z, beta):
+        """``p = z + β p``."""
+        p.mul_(beta[:, None]).add_(z)
+
+
+def _vector_ops(backend: str, b: Tensor):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return _TorchVectorOps
+    if backend == "cupy" or (backend == "auto" and b.is_cuda):
+        from . import cupy_kernels
+
+        if backend == "cupy":
+            return cupy_kernels.vector_ops(b)  # raises a clear error without CUDA/cupy
+        ops = cupy_kernels.vector_ops_or_none(b)
+        if ops is not None:
+            return ops
+    return _TorchVectorOps
+
+
+@dataclass
+class PCG:
+    """Batched matrix-free preconditioned conjugate gradient.
+
+    Args:
+        rtol, atol: an element has converged when ``‖b − A x‖ ≤ max(rtol ‖b‖, atol)``.
+        max_iter: iteration cap per element (``None``: :func:`default_max_iter` of ``n``).
+        preconditioner: ``"jacobi"`` (from ``operator.diagonal()``; identity where the
+            operator knows no diagonal), ``"identity"``, or a :class:`Preconditioner`.
+        check_every: iterations between host-side checks for early exit.
+        recompute_every: iterations between true-residual replacements.
+        on_failure: ``"raise"``, ``"warn"``, ``"zero"`` or ``"best"`` (see
+            :func:`~difftto.solvers.result.apply_failure_policy`).
+        backend: ``"auto"`` (fused CuPy kernels on CUDA tensors when cupy imports,
+            else torch), ``"torch"``, or ``"cupy"``.
+
+    Example::
+
+        result = PCG(rtol=1e-8).solve(operator, b)
+        result.solution, result.status, result.iterations, result.relative_residual
+    """
+
+    rtol: float = 1e-6
+    atol: float = 0.0
+    max_iter: int | None = None
+    preconditioner: str | Preconditioner | None = "jacobi"
+    check_every: int = 10
+    recompute_every: int = 50
+    on_failure: str = "warn"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if not (self.rtol >= 0 and self.atol >= 0):
+            raise ValueError(f"rtol and atol must be >= 0, got rtol={self.rtol}, atol={self.atol}")
+        if self.max_iter is not None and self.max_iter < 0:
+            raise ValueError(f"max_iter must be >= 0 or None, got {self.max_iter}")
+        if self.check_every < 1 or self.recompute_every < 1:
+            raise ValueError(
+                f"check_every and recompute_every must be >= 1, got {self.check_every}, "
+                f"{self.recompute_every}"
+            )
+        if self.on_failure not in FAILURE_POLICIES:
+            raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {self.on_failure!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @torch.no_grad()
+    def solve(
+        self,
+        operator: LinearOperator,
+        b: Tensor,
+        x0: Tensor | None = None,
+        *,
+        preconditioner: str | Preconditioner | None = None,
+        on_failure: str | None = None,
+    ) -> LinearSolveResult:
+        """Solves ``operator · x = b`` for every batch element.
+
+        Args:
+            operator: a symmetric positive definite :class:`LinearOperator` ``(B, n)``.
+            b: right-hand sides ``[B, n]``.
+            x0: start vectors ``[B, n]`` (default zeros).
+            preconditioner, on_failure: override the constructor's choice for this call.
+
+        Returns:
+            :class:`LinearSolveResult` with the solution ``[B, n]`` and, per element,
+            status, iterations and the true relative residual.
+
+        Raises:
+            ValueError: on mismatched shapes or an operator declared non-symmetric.
+            LinearSolveError: with ``on_failure="raise"`` when an element fails.
+        """
+        operator.check_vector(b, "b")
+        if not operator.symmetric:
+            raise ValueError(
+                f"PCG needs a symmetric operator; {operator!r} is not declared symmetric"
+            )
+        if x0 is not None:
+            operator.check_vector(x0, "x0")
+        policy = self.on_failure if on_failure is None else on_failure
+        spec = self.preconditioner if preconditioner is None else preconditioner
+        if spec == "jacobi" and operator.diagonal() is None:
+            spec = "identity"
+        precond = make_preconditioner(spec, operator)
+        ops = _vector_ops(self.backend, b)
+        batch, n = operator.shape
+        max_iter = default_max_iter(n) if self.max_iter is None else self.max_iter
+        result, best = _pcg_loop(
+            operator, b, x0, precond, ops, max_iter, self.rtol, self.atol,
+            self.check_every, self.recompute_every, track_best=(policy == "best"),
+        )
+        return apply_failure_policy(result, policy, best=best, what="PCG")
+
+
+def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
+              recompute_every, track_best):
+    b = b.detach()
+    batch, n = b.shape
+    dev = b.device
+    inverse_diagonal = precond.inverse_diagonal if isinstance(precond, JacobiPreconditioner) else None
+    if inverse_diagonal is None and not _is_identity(precond):
+        # A general preconditioner: precondition with it, dots in torch.
+        def precondition(r):
+            z = precond.apply(r)
+            return z, ops.dot(r, z), ops.dot(r, r)
+    else:
+        def precondition(r):
+            return ops.precondition(r, inverse_diagonal)
+
+    finite_b = torch.isfinite(b).all(dim=1)
+    b = torch.where(finite_b[:, None], b, torch.zeros_like(b))
+    b_norm = torch.linalg.vector_norm(b, dim=1)
+    tol = torch.clamp(rtol * b_norm, min=atol)
+    tol2 = tol * tol
+
+    x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
+    r = b.clone() if x0 is None else b - operator.mv(x)
+    status = torch.full((batch,), int(Status.CONVERGED), dtype=torch.int64, device=dev)
+    status = torch.where(finite_b, status, int(Status.NON_FINITE_INPUT))
+    iterations = torch.zeros(batch, dtype=torch.int64, device=dev)
+    z, rz, rr = precondition(r)
+    p = z.clone()
+    active = finite_b & (rr > tol2)
+    best_x = x.clone() if track_best else None
+    best_rr = rr.clone() if track_best else None
+
+    k = 0
+    while k < max_iter:
+        q = operator.mv(p)
+        pq = ops.dot(p, q)
+        finite = torch.isfinite(pq)
+        nonfinite = active & ~finite
+        breakdown = active & finite & (pq <= 0)
+        status = torch.where(nonfinite, int(Status.NON_FINITE_INPUT), status)
+        status = torch.where(breakdown, int(Status.BREAKDOWN), status)
+        active = active & ~nonfinite & ~breakdown
+        alpha = torch.where(active, rz / torch.where(active, pq, 1.0), 0.0)
+        ops.update_solution(x, r, p, q, alpha, active)
+        iterations += active.to(iterations.dtype)
+        k += 1
+        if k % recompute_every == 0:
+            r = torch.where(active[:, None], b - operator.mv(x), r)
+        z, rz_new, rr_new = precondition(r)
+        rr = torch.where(active, rr_new, rr)
+        # beta = 0 for inactive elements leaves p = z there: a clean restart direction.
+        beta = torch.where(active & (rz != 0), rz_new / torch.where(rz != 0, rz, 1.0), 0.0)
+        ops.update_direction(p, z, beta)
+        rz = torch.where(active, rz_new, rz)
+        if track_best:
+            improved = rr < best_rr
+            best_x = torch.where(improved[:, None], x, best_x)
+            best_rr = torch.where(improved, rr, best_rr)
+        active = active & (rr > tol2)
+        if k % check_every == 0 or k == max_iter:
+            if not bool(active.any()):
+                # Believe "converged" only from the true residual; restart the others.
+                true_r = b - operator.mv(x)
+                true_rr = ops.dot(true_r, true_r)
+                restart = (status == int(Status.CONVERGED)) & finite_b & (true_rr > tol2)
+                if k == max_iter or not bool(restart.any()):
+                    break
+                r = torch.where(restart[:, None], true_r, r)
+                z, rz_r, rr_r = precondition(r)
+                p = torch.where(restart[:, None], z, p)
+                rz = torch.where(restart, rz_r, rz)
+                rr = torch.where(restart, rr_r, rr)
+                active = restart
+
+    true_r = b - operator.mv(x)
+    true_norm = torch.linalg.vector_norm(true_r, dim=1)
+    rel = torch.where(b_norm > 0, true_norm / torch.where(b_norm > 0, b_norm, 1.0), true_norm)
+    ok = status == int(Status.CONVERGED)
+    not_reached = ok & ~(true_norm <= tol)
+    status = torch.where(not_reached, int(Status.MAX_ITER_REACHED), status)
+    # Elements with non-finite right-hand sides report NaN, never a silent zero.
+    x = torch.where(finite_b[:, None], x, torch.full_like(x, float("nan")))
+    rel = torch.where(finite_b, rel, torch.full_like(rel, float("nan")))
+    if track_best:
+        best_x = torch.where(finite_b[:, None], best_x, x)
+    return LinearSolveResult(x, status, iterations, rel), best_x
+
+
+def _is_identity(precond: Preconditioner) -> bool:
+    from .preconditioners import IdentityPreconditioner
+
+    return isinstance(precond, IdentityPreconditioner)

@@ -1,0 +1,129 @@
+"""What a linear solve returns: the solution and, per batch element, how it went.
+
+A failure is never silent: every solve carries a :class:`Status` per batch element,
+and :func:`apply_failure_policy` turns failures into an exception, a warning, a
+zeroed solution or the best iterate, as the caller chose.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Status", "LinearSolveResult", "LinearSolveError", "LinearSolveWarning",
+           "FAILURE_POLICIES", "apply_failure_policy"]
+
+FAILURE_POLICIES = ("raise", "warn", "zero", "best")
+
+
+class Status(enum.IntEnum):
+    """Outcome of a solve for one batch element."""
+
+    CONVERGED = 0
+    MAX_ITER_REACHED = 1
+    BREAKDOWN = 2
+    NON_FINITE_INPUT = 3
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.CONVERGED: "converged",
+    Status.MAX_ITER_REACHED: (
+        "max_iter reached before the tolerance: raise max_iter, loosen rtol, or improve "
+        "the conditioning (larger proximal weights Lambda, a Jacobi preconditioner)"
+    ),
+    Status.BREAKDOWN: (
+        "breakdown: a search direction had p·Ap <= 0, so the operator is not positive "
+        "definite (e.g. Lambda = 0 on a singular Gauss-Newton matrix, or an indefinite "
+        "exact Hessian)"
+    ),
+    Status.NON_FINITE_INPUT: "non-finite values (NaN/Inf) in the right-hand side or operator output",
+}
+
+
+class LinearSolveError(RuntimeError):
+    """Raised by the ``"raise"`` policy when a batch element did not converge."""
+
+
+class LinearSolveWarning(RuntimeWarning):
+    """Issued by the ``"warn"`` policy when a batch element did not converge."""
+
+
+@dataclass
+class LinearSolveResult:
+    """A batched solve's outcome.
+
+    Attributes:
+        solution: ``[B, n]``.
+        status: ``[B]`` int64 of :class:`Status` codes.
+        iterations: ``[B]`` int64, iterations each element ran.
+        relative_residual: ``[B]``, the true ``‖b − A x‖ / ‖b‖`` recomputed at the end
+            (``0`` where ``b = 0``).
+    """
+
+    solution: Tensor
+    status: Tensor
+    iterations: Tensor
+    relative_residual: Tensor
+
+    @property
+    def converged(self) -> Tensor:
+        """``[B]`` bool, True where the element converged."""
+        return self.status == Status.CONVERGED
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    def describe(self) -> str:
+        """A one-line-per-failure human summary."""
+        lines = []
+        for b, (s, it, rr) in enumerate(
+            zip(self.status.tolist(), self.iterations.tolist(),
+                self.relative_residual.tolist())
+        ):
+            if s != Status.CONVERGED:
+                lines.append(
+                    f"  batch element {b}: {Status(s).name} after {it} iterations, "
+                    f"relative residual {rr:.3e}: {Status(s).message}"
+                )
+        return "\n".join(lines) if lines else "all batch elements converged"
+
+
+def apply_failure_policy(
+    result: LinearSolveResult, policy: str, *, best: Tensor | None = None, what: str = "linear solve"
+) -> LinearSolveResult:
+    """Acts on failed elements of ``result`` according to ``policy``.
+
+    - ``"raise"``: raises :class:`LinearSolveError` naming each failed element.
+    - ``"warn"``: warns (:class:`LinearSolveWarning`) and keeps the last iterate.
+    - ``"zero"``: warns and sets the failed elements' solutions to zero.
+    - ``"best"``: warns and returns, for failed elements, ``best`` (the iterate with
+      the smallest residual seen) when given.
+
+    The status is kept as it was in every case: callers can still see the failure.
+    """
+    if policy not in FAILURE_POLICIES:
+        raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {policy!r}")
+    failed = ~result.converged
+    if not bool(failed.any()):
+        return result
+    summary = f"{what} did not converge for {int(failed.sum())} of {failed.numel()} batch elements:\n" + result.describe()
+    if policy == "raise":
+        raise LinearSolveError(summary)
+    solution = result.solution
+    if policy == "zero":
+        solution = torch.where(failed[:, None], torch.zeros_like(solution), solution)
+        summary += "\n(on_failure='zero': their solutions were set to zero)"
+    elif policy == "best" and best is not None:
+        solution = torch.where(failed[:, None], best, solution)
+        summary += "\n(on_failure='best': their best iterates were returned)"
+    warnings.warn(summary, LinearSolveWarning, stacklevel=3)
+    return LinearSolveResult(solution, result.status, result.iterations, result.relative_residual)
