@@ -1,0 +1,247 @@
+"""The inner objective ``E(θ) = D(θ; data) + ½ Σ Λ (θ − θ0)²`` on flat parameters.
+
+:class:`InnerObjective` is the glue between a :class:`~difftto.Problem` (which only
+defines ``D`` or its residuals on structured parameters) and the machinery that works
+on flat ``[B, n]`` vectors: the inner optimizers and the layer's backward. It gives
+values, gradients, residuals and the two curvature operators:
+
+- ``gauss_newton_operator(θ)``: ``JᵀJ + diag(Λ)`` (least-squares problems), with
+  ``diag(JᵀJ)`` for the Jacobi preconditioner;
+- ``hessian_operator(θ)``: ``∇²D + diag(Λ)`` by Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .operators import DiagonalOperator, GaussNewtonOperator, HessianOperator, LinearOperator
+from .problems.base import Data, Linearization, Problem
+from .regularizers import Proximal
+from .tree import Layout
+
+__all__ = ["InnerObjective", "JVP_MODES"]
+
+JVP_MODES = ("auto", "forward", "double_vjp")
+
+
+class InnerObjective:
+    """``E`` for a batch, on flat parameters.
+
+    Args:
+        problem: the data term.
+        layout: the parameter structure (flat ↔ structured).
+        data: the problem's data (tensors may require grad; they are used as given).
+        proximal: the proximal term, or ``None`` for ``E = D``.
+        jvp_mode: how ``J·v`` is formed for generic problems: ``"forward"``
+            (``torch.func.jvp``), ``"double_vjp"`` (reverse-over-reverse on one
+            retained graph; needs only double backward), ``"auto"`` (forward, falling
+            back to double VJP when an operation has no forward-mode rule).
+        diagonal_probes: random probes for the unbiased estimate of ``diag(JᵀJ)``
+            (only when the problem supplies no exact diagonal); ``0`` disables it.
+    """
+
+    def __init__(self, problem: Problem, layout: Layout, data: Data,
+                 proximal: Proximal | None, *, jvp_mode: str = "auto", diagonal_probes: int = 8):
+        if jvp_mode not in JVP_MODES:
+            raise ValueError(f"jvp_mode must be one of {JVP_MODES}, got {jvp_mode!r}")
+        self.problem, self.layout, self.data, self.proximal = problem, layout, data, proximal
+        self.jvp_mode = jvp_mode
+        self.diagonal_probes = diagonal_probes
+
+    # ----------------------------------------------------------------- values
+    def data_term(self, theta: Tensor, data: Data | None = None) -> Tensor:
+        """``D(θ)`` per batch element ``[B]``."""
+        data = self.data if data is None else data
+        value = self.problem.objective(self.layout.unflatten(theta), data)
+        if value.shape != (theta.shape[0],):
+            raise ValueError(
+                f"{type(self.problem).__name__}.objective must return shape [B]={theta.shape[0]}, "
+                f"got {tuple(value.shape)}"
+            )
+        return value
+
+    def residuals(self, theta: Tensor, data: Data | None = None) -> Tensor:
+        """``r(θ)`` flattened to ``[B, m]``."""
+        data = self.data if data is None else data
+        r = self.problem.residuals(self.layout.unflatten(theta), data)
+        if r.dim() < 1 or r.shape[0] != theta.shape[0]:
+            raise ValueError(
+                f"{type(self.problem).__name__}.residuals must return [B={theta.shape[0]}, ...], "
+                f"got {tuple(r.shape)}"
+            )
+        return r.reshape(r.shape[0], -1)
+
+    def value(self, theta: Tensor) -> Tensor:
+        """``E(θ)`` per batch element ``[B]``."""
+        e = self.data_term(theta)
+        return e if self.proximal is None else e + self.proximal.value(theta)
+
+    def value_and_grad(self, theta: Tensor, *, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+        """``E(θ)`` ``[B]`` and ``∇θE`` ``[B, n]``.
+
+        With ``create_graph=False`` the result holds no graph (the inner loop's memory
+        does not grow); with ``True`` it is differentiable (unrolled backward).
+        """
+        with torch.enable_grad():
+            if create_graph:
+                t = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+            else:
+                t = theta.detach().requires_grad_(True)
+            d = self.data_term(t)
+            (g,) = torch.autograd.grad(d.sum(), t, create_graph=create_graph)
+        if self.proximal is not None:
+            src = theta if create_graph else theta.detach()
+            g = g + self.proximal.gradient(src)
+            d = d + self.proximal.value(src)
+        if not create_graph:
+            d, g = d.detach(), g.detach()
+        return d, g
+
+    # ------------------------------------------------------------- operators
+    def _proximal_diagonal(self, theta: Tensor) -> Tensor | None:
+        return None if self.proximal is None else self.proximal.hessian_diagonal().detach()
+
+    def gauss_newton_operator(self, theta: Tensor, *, with_proximal: bool = True) -> LinearOperator:
+        """``JᵀJ (+ diag Λ)`` at ``θ`` (detached). The problem's discrete state is frozen
+        at ``θ`` for every product (:meth:`Problem.freeze`)."""
+        jvp, vjp, diag = self.jacobian_products(theta)
+        gn = GaussNewtonOperator(jvp, vjp, self.layout_shape(theta), theta.dtype, theta.device,
+                                 diagonal=diag)
+        lam = self._proximal_diagonal(theta) if with_proximal else None
+        if lam is None:
+            return gn
+        return gn + DiagonalOperator(lam, positive_definite=bool((lam > 0).all()))
+
+    def hessian_operator(self, theta: Tensor, *, with_proximal: bool = True) -> LinearOperator:
+        """``∇²D (+ diag Λ)`` at ``θ`` by reverse-over-reverse products on one retained
+        graph. Its diagonal (for Jacobi) is ``Λ`` plus a probe estimate of ``diag(∇²D)``
+        clamped at zero."""
+        theta = theta.detach()
+        data = self.problem.freeze(self.layout.unflatten(theta), self.data)
+        with torch.enable_grad():
+            t = theta.requires_grad_(True)
+            (g,) = torch.autograd.grad(self.data_term(t, data).sum(), t, create_graph=True)
+
+        def hvp(v: Tensor) -> Tensor:
+            with torch.enable_grad():
+                (hv,) = torch.autograd.grad(g, t, v, retain_graph=True)
+            return hv.detach()
+
+        diag = None
+        if self.diagonal_probes > 0:
+            est = _probe_diagonal(lambda z: z * hvp(z), theta, self.diagonal_probes, theta.shape)
+            diag = est.clamp_min(0)
+        h = HessianOperator(hvp, self.layout_shape(theta), theta.dtype, theta.device, diagonal=diag)
+        lam = self._proximal_diagonal(theta) if with_proximal else None
+        if lam is None:
+            return h
+        return h + DiagonalOperator(lam, positive_definite=bool((lam > 0).all()))
+
+    def layout_shape(self, theta: Tensor) -> tuple[int, int]:
+        return (theta.shape[0], theta.shape[1])
+
+    def jacobian_products(self, theta: Tensor) -> tuple[Callable, Callable, Tensor | None]:
+        """``(jvp, vjp, diag(JᵀJ) or None)`` at ``θ`` on flat vectors.
+
+        Uses the problem's own :meth:`Problem.linearize` when it gives one; otherwise
+        autograd on the residuals with the discrete state frozen at ``θ``.
+        """
+        if not self.problem.is_least_squares:
+            raise ValueError(
+                f"hessian='gauss_newton' needs a least-squares problem (residuals()); "
+                f"{type(self.problem).__name__} defines only objective(): use hessian='exact'"
+            )
+        theta = theta.detach()
+        structured = self.layout.unflatten(theta)
+        data = self.problem.freeze(structured, self.data)
+        lin = self.problem.linearize(structured, data)
+        if lin is not None:
+            return self._wrap_linearization(lin, theta)
+        return self._autograd_products(theta, data)
+
+    def _wrap_linearization(self, lin: Linearization, theta: Tensor):
+        layout = self.layout
+
+        def jvp(v):
+            return lin.jvp(layout.unflatten(v)).reshape(v.shape[0], -1)
+
+        def vjp(w):
+            return layout.flatten(lin.vjp(w))
+
+        diag = lin.gauss_newton_diagonal()
+        diag = None if diag is None else layout.flatten(diag).detach()
+        if diag is None and self.diagonal_probes > 0:
+            diag = _probe_diagonal(lambda w: vjp(w).pow(2), theta, self.diagonal_probes,
+                                   jvp(torch.zeros_like(theta)).shape)
+        return jvp, vjp, diag
+
+    def _autograd_products(self, theta: Tensor, data: Data):
+        with torch.enable_grad():
+            t = theta.clone().requires_grad_(True)
+            r = self.residuals(t, data)
+        if not r.requires_grad:  # residuals independent of θ
+            def vjp(w):
+                return torch.zeros_like(theta)
+        else:
+            def vjp(w):
+                with torch.enable_grad():
+                    (g,) = torch.autograd.grad(r, t, w, retain_graph=True, allow_unused=True)
+                return torch.zeros_like(theta) if g is None else g.detach()
+
+        def residual_fn(x):
+            return self.residuals(x, data)
+
+        def forward_jvp(v):
+            _, jv = torch.func.jvp(residual_fn, (theta,), (v,))
+            return jv.detach()
+
+        dual = {}
+
+        def double_vjp(v):
+            # J v = ∂/∂w ⟨Jᵀ w, v⟩ on a graph built once: needs only double backward.
+            if "g" not in dual:
+                with torch.enable_grad():
+                    w = torch.zeros_like(r, requires_grad=True)
+                    (g,) = torch.autograd.grad(r, t, w, create_graph=True, retain_graph=True)
+                dual["w"], dual["g"] = w, g
+            with torch.enable_grad():
+                (jv,) = torch.autograd.grad(dual["g"], dual["w"], v, retain_graph=True)
+            return jv.detach()
+
+        if self.jvp_mode == "forward":
+            jvp = forward_jvp
+        elif self.jvp_mode == "double_vjp":
+            jvp = double_vjp
+        else:
+            state = {"mode": None}
+
+            def jvp(v):
+                if state["mode"] is None:
+                    try:
+                        out = forward_jvp(v)
+                        state["mode"] = forward_jvp
+                        return out
+                    except (NotImplementedError, RuntimeError):
+                        state["mode"] = double_vjp
+                return state["mode"](v)
+
+        diag = None
+        if self.diagonal_probes > 0 and r.requires_grad:
+            diag = _probe_diagonal(lambda w: vjp(w).pow(2), theta, self.diagonal_probes, r.shape)
+        return jvp, vjp, diag
+
+
+def _probe_diagonal(sample: Callable[[Tensor], Tensor], theta: Tensor, probes: int,
+                    probe_shape) -> Tensor:
+    """Mean of ``sample(z)`` over Rademacher probes ``z`` of ``probe_shape``, seeded so
+    the estimate is reproducible. For ``sample(w) = (Jᵀw)²`` this is an unbiased,
+    non-negative estimate of ``diag(JᵀJ)``; for ``sample(z) = z ⊙ Hz`` of ``diag(H)``."""
+    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
+    acc = torch.zeros_like(theta)
+    for _ in range(probes):
+        z = torch.randint(0, 2, tuple(probe_shape), generator=gen).to(theta.device, theta.dtype)
+        acc += sample(2 * z - 1)
+    return acc / probes
