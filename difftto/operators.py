@@ -4,9 +4,11 @@ Every operator acts on a batch of vectors ``v`` of shape ``[B, n]`` and returns
 ``A_b v_b`` for each batch element ``b``: one (usually implicit) ``n x n`` matrix
 per element. Operators only apply; they never solve and never differentiate.
 
-Structure is declared, never guessed: ``symmetric`` and ``positive_definite`` are
-flags set by whoever builds the operator (sums keep them when both terms have
-them). An operator may know its diagonal exactly (:meth:`LinearOperator.diagonal`),
+Structure is declared, never guessed: ``symmetric``, ``positive_definite`` and
+``semidefinite`` (positive semi-definite) are flags set by whoever builds the
+operator. Sums and scalings derive theirs from their terms' declarations only:
+``A + B`` is positive definite when one term is positive definite and the other
+positive semi-definite (both symmetric). An operator may know its diagonal exactly (:meth:`LinearOperator.diagonal`),
 which the Jacobi preconditioner uses.
 """
 
@@ -33,10 +35,22 @@ class LinearOperator:
     """A batch of linear maps ``[B, n] -> [B, n]``.
 
     Subclasses implement :meth:`mv`. ``shape`` is ``(B, n)``.
+
+    Attributes:
+        symmetric: declared ``A = Aᵀ``.
+        positive_definite: declared ``vᵀAv > 0`` for ``v ≠ 0`` (with ``symmetric``).
+        semidefinite: declared ``vᵀAv ≥ 0``; positive definite operators are
+            semi-definite too (see :attr:`positive_semidefinite`).
     """
 
     symmetric: bool = False
     positive_definite: bool = False
+    semidefinite: bool = False
+
+    @property
+    def positive_semidefinite(self) -> bool:
+        """Declared positive semi-definite: ``semidefinite`` or ``positive_definite``."""
+        return bool(self.semidefinite or self.positive_definite)
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
         if len(shape) != 2 or shape[0] < 1 or shape[1] < 0:
@@ -89,7 +103,7 @@ class FunctionOperator(LinearOperator):
         shape: ``(B, n)``.
         dtype, device: of the vectors it acts on.
         diagonal: the exact diagonal ``[B, n]``, if known.
-        symmetric, positive_definite: declared structure.
+        symmetric, positive_definite, semidefinite: declared structure.
     """
 
     def __init__(
@@ -102,12 +116,14 @@ class FunctionOperator(LinearOperator):
         diagonal: Tensor | None = None,
         symmetric: bool = False,
         positive_definite: bool = False,
+        semidefinite: bool = False,
     ):
         super().__init__(shape, dtype, device)
         self._mv = mv
         self._diagonal = diagonal
         self.symmetric = symmetric
         self.positive_definite = positive_definite
+        self.semidefinite = semidefinite
         if diagonal is not None:
             self.check_vector(diagonal, "diagonal")
 
@@ -121,13 +137,15 @@ class FunctionOperator(LinearOperator):
 class DiagonalOperator(LinearOperator):
     """``diag(d)`` per batch element; ``d`` has shape ``[B, n]``.
 
-    Symmetric; positive definite when declared so (``d > 0`` is the caller's promise,
-    e.g. proximal weights ``Lambda``).
+    Symmetric; positive definite (``d > 0``) or semi-definite (``d ≥ 0``) when
+    declared so: that is the caller's promise (e.g. proximal weights ``Lambda``), not
+    checked, so that building an operator never synchronises with the device.
     """
 
     symmetric = True
 
-    def __init__(self, diagonal: Tensor, *, positive_definite: bool = False):
+    def __init__(self, diagonal: Tensor, *, positive_definite: bool = False,
+                 semidefinite: bool = False):
         if diagonal.dim() != 2:
             raise ValueError(
                 f"diagonal must have shape [B, n], got {tuple(diagonal.shape)}"
@@ -135,6 +153,7 @@ class DiagonalOperator(LinearOperator):
         super().__init__(tuple(diagonal.shape), diagonal.dtype, diagonal.device)
         self.d = diagonal
         self.positive_definite = positive_definite
+        self.semidefinite = semidefinite
 
     def mv(self, v: Tensor) -> Tensor:
         return self.d * v
@@ -144,24 +163,26 @@ class DiagonalOperator(LinearOperator):
 
 
 class SumOperator(LinearOperator):
-    """``A + B``. Symmetric if both are; positive definite if both are symmetric,
-    one is positive definite and the other positive semi-definite by declaration
-    (see ``semidefinite``)."""
+    """``A + B``. Symmetric if both are. Positive definite if both are symmetric, one
+    is declared positive definite and the other positive semi-definite; positive
+    semi-definite if both are. An operator with no declared definiteness (e.g. an
+    exact Hessian) makes the sum's definiteness unknown, hence undeclared."""
 
     def __init__(self, a: LinearOperator, b: LinearOperator):
+        if not isinstance(a, LinearOperator) or not isinstance(b, LinearOperator):
+            raise TypeError(
+                f"can only add LinearOperators, got {type(a).__name__} and {type(b).__name__}"
+            )
         if a.shape != b.shape:
             raise ValueError(f"cannot add operators of shapes {a.shape} and {b.shape}")
         super().__init__(a.shape, a.dtype, a.device)
         self.a, self.b = a, b
         self.symmetric = a.symmetric and b.symmetric
-        semidef = getattr(a, "semidefinite", False) or getattr(b, "semidefinite", False)
+        psd_a, psd_b = a.positive_semidefinite, b.positive_semidefinite
         self.positive_definite = self.symmetric and (
-            (a.positive_definite and b.positive_definite)
-            or (semidef and (a.positive_definite or b.positive_definite))
+            (a.positive_definite and psd_b) or (b.positive_definite and psd_a)
         )
-        self.semidefinite = self.positive_definite or (
-            getattr(a, "semidefinite", False) and getattr(b, "semidefinite", False)
-        )
+        self.semidefinite = self.symmetric and psd_a and psd_b
 
     def mv(self, v: Tensor) -> Tensor:
         return self.a.mv(v) + self.b.mv(v)
@@ -174,19 +195,37 @@ class SumOperator(LinearOperator):
 
 
 class ScaledOperator(LinearOperator):
-    """``c A`` for a scalar ``c`` or a per-batch-element scale ``[B]``."""
+    """``c A`` for a scalar ``c`` or a per-batch-element scale ``[B]``.
+
+    Keeps ``A``'s symmetry; positive (semi-)definite when ``A`` is declared so and
+    every scale is ``> 0`` (``≥ 0``). Reading the scale's sign synchronises once, at
+    construction.
+    """
 
     def __init__(self, op: LinearOperator, scale: float | Tensor):
+        if not isinstance(op, LinearOperator):
+            raise TypeError(f"op must be a LinearOperator, got {type(op).__name__}")
+        if isinstance(scale, LinearOperator):
+            raise TypeError(
+                "operators can be scaled by a number or a [B] tensor, not multiplied "
+                f"together; got scale={scale!r}"
+            )
         super().__init__(op.shape, op.dtype, op.device)
         self.op = op
         scale = torch.as_tensor(scale, dtype=op.dtype, device=op.device)
+        if scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] != op.shape[0]):
+            raise ValueError(
+                f"scale must be a scalar or have shape [B] = [{op.shape[0]}], "
+                f"got shape {tuple(scale.shape)}"
+            )
         if scale.dim() == 1:
             scale = scale[:, None]
         self.scale = scale
         self.symmetric = op.symmetric
         positive = bool((scale > 0).all())
+        nonnegative = bool((scale >= 0).all())
         self.positive_definite = op.positive_definite and positive
-        self.semidefinite = getattr(op, "semidefinite", False) and bool((scale >= 0).all())
+        self.semidefinite = op.positive_semidefinite and nonnegative
 
     def mv(self, v: Tensor) -> Tensor:
         return self.scale * self.op.mv(v)
@@ -267,8 +306,10 @@ class HessianOperator(LinearOperator):
 
 
 def materialize(op: LinearOperator) -> Tensor:
-    """The dense matrices ``[B, n, n]`` of ``op`` (``n`` products). For small ``n``:
-    test oracles and the dense solver."""
+    """The dense matrices ``[B, n, n]`` of ``op``: column ``j`` is ``op.mv(e_j)``.
+
+    Costs ``n`` operator products and ``O(B n²)`` memory: for small ``n`` only (test
+    oracles and the dense solver)."""
     batch, n = op.shape
     eye = torch.eye(n, dtype=op.dtype, device=op.device)
     cols = [op.mv(eye[j].expand(batch, n).contiguous()) for j in range(n)]

@@ -29,9 +29,20 @@ class DenseCholesky:
     def solve(self, operator: LinearOperator, b: Tensor, x0: Tensor | None = None, *,
               on_failure: str | None = None) -> LinearSolveResult:
         """Solves ``operator · x = b``; same result type as :meth:`PCG.solve`
-        (iterations are 0). ``x0`` is accepted and ignored."""
+        (iterations are 0). ``x0`` is accepted and ignored.
+
+        Raises:
+            ValueError: on a mismatched ``b`` or an operator not declared symmetric.
+            LinearSolveError: with ``on_failure="raise"`` when an element fails.
+        """
         operator.check_vector(b, "b")
+        if not operator.symmetric:
+            raise ValueError(
+                f"DenseCholesky needs a symmetric operator; {operator!r} is not declared "
+                "symmetric"
+            )
         a = materialize(operator)
+        # Symmetrize away the round-off of the n separate products.
         a = 0.5 * (a + a.transpose(-1, -2))
         finite = torch.isfinite(a).flatten(1).all(1) & torch.isfinite(b).all(1)
         a_safe = torch.where(finite[:, None, None], a, torch.eye(a.shape[-1], dtype=a.dtype, device=a.device))

@@ -22,7 +22,12 @@ import torch
 from torch import Tensor
 
 from ..operators import LinearOperator
-from .preconditioners import JacobiPreconditioner, Preconditioner, make_preconditioner
+from .preconditioners import (
+    IdentityPreconditioner,
+    JacobiPreconditioner,
+    Preconditioner,
+    make_preconditioner,
+)
 from .result import (
     FAILURE_POLICIES,
     LinearSolveResult,
@@ -53,10 +58,11 @@ class _TorchVectorOps:
 
     @staticmethod
     def update_solution(x, r, p, q, alpha, active):
-        """``x += α p``; ``r −= α q`` for active elements (inactive ones keep ``r``,
-        whatever ``q`` holds)."""
-        x.add_(alpha[:, None] * p)
-        r.copy_(torch.where(active[:, None], r - alpha[:, None] * q, r))
+        """``x += α p``; ``r −= α q`` in place, for active elements only: inactive ones
+        keep ``x`` and ``r`` whatever ``p`` and ``q`` hold (they may be non-finite)."""
+        step = alpha[:, None]
+        x.copy_(torch.where(active[:, None], x + step * p, x))
+        r.copy_(torch.where(active[:, None], r - step * q, r))
 
     @staticmethod
     def precondition(r, inverse_diagonal):
@@ -173,11 +179,12 @@ class PCG:
         ops = _vector_ops(self.backend, b)
         batch, n = operator.shape
         max_iter = default_max_iter(n) if self.max_iter is None else self.max_iter
-        result, best = _pcg_loop(
+        result, best, best_rel = _pcg_loop(
             operator, b, x0, precond, ops, max_iter, self.rtol, self.atol,
             self.check_every, self.recompute_every, track_best=(policy == "best"),
         )
-        return apply_failure_policy(result, policy, best=best, what="PCG")
+        return apply_failure_policy(result, policy, best=best, best_relative_residual=best_rel,
+                                    what="PCG")
 
 
 def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
@@ -186,14 +193,23 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
     batch, n = b.shape
     dev = b.device
     inverse_diagonal = precond.inverse_diagonal if isinstance(precond, JacobiPreconditioner) else None
-    if inverse_diagonal is None and not _is_identity(precond):
-        # A general preconditioner: precondition with it, dots in torch.
+    if inverse_diagonal is None and not isinstance(precond, IdentityPreconditioner):
+        # A general preconditioner: precondition with it, dots with the backend.
         def precondition(r):
             z = precond.apply(r)
             return z, ops.dot(r, z), ops.dot(r, r)
     else:
         def precondition(r):
             return ops.precondition(r, inverse_diagonal)
+
+    def apply(v):
+        out = operator.mv(v)
+        if tuple(out.shape) != (batch, n):
+            raise ValueError(
+                f"operator.mv returned shape {tuple(out.shape)} for an input of shape "
+                f"{(batch, n)}; {operator!r} must map [B, n] to [B, n]"
+            )
+        return out
 
     finite_b = torch.isfinite(b).all(dim=1)
     b = torch.where(finite_b[:, None], b, torch.zeros_like(b))
@@ -202,19 +218,23 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
     tol2 = tol * tol
 
     x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
-    r = b.clone() if x0 is None else b - operator.mv(x)
+    r = b.clone() if x0 is None else b - apply(x)
     status = torch.full((batch,), int(Status.CONVERGED), dtype=torch.int64, device=dev)
     status = torch.where(finite_b, status, int(Status.NON_FINITE_INPUT))
     iterations = torch.zeros(batch, dtype=torch.int64, device=dev)
     z, rz, rr = precondition(r)
+    # A non-finite start (x0, or the operator's output at x0) is a non-finite input too.
+    bad_start = finite_b & ~torch.isfinite(rr)
+    status = torch.where(bad_start, int(Status.NON_FINITE_INPUT), status)
     p = z.clone()
-    active = finite_b & (rr > tol2)
+    active = finite_b & ~bad_start & (rr > tol2)
     best_x = x.clone() if track_best else None
-    best_rr = rr.clone() if track_best else None
+    best_rr = torch.where(torch.isfinite(rr), rr, torch.inf) if track_best else None
 
-    k = 0
+    # One host look before the loop: nothing to do (b = 0, an exact x0) costs no products.
+    k = 0 if bool(active.any()) else max_iter
     while k < max_iter:
-        q = operator.mv(p)
+        q = apply(p)
         pq = ops.dot(p, q)
         finite = torch.isfinite(pq)
         nonfinite = active & ~finite
@@ -227,8 +247,13 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
         iterations += active.to(iterations.dtype)
         k += 1
         if k % recompute_every == 0:
-            r = torch.where(active[:, None], b - operator.mv(x), r)
+            # Residual replacement: the recursive r drifts from b − A x in finite precision.
+            r = torch.where(active[:, None], b - apply(x), r)
         z, rz_new, rr_new = precondition(r)
+        # The operator can turn non-finite in a replaced residual only; q was checked.
+        nonfinite = active & ~(torch.isfinite(rr_new) & torch.isfinite(rz_new))
+        status = torch.where(nonfinite, int(Status.NON_FINITE_INPUT), status)
+        active = active & ~nonfinite
         rr = torch.where(active, rr_new, rr)
         # beta = 0 for inactive elements leaves p = z there: a clean restart direction.
         beta = torch.where(active & (rz != 0), rz_new / torch.where(rz != 0, rz, 1.0), 0.0)
@@ -242,7 +267,7 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
         if k % check_every == 0 or k == max_iter:
             if not bool(active.any()):
                 # Believe "converged" only from the true residual; restart the others.
-                true_r = b - operator.mv(x)
+                true_r = b - apply(x)
                 true_rr = ops.dot(true_r, true_r)
                 restart = (status == int(Status.CONVERGED)) & finite_b & (true_rr > tol2)
                 if k == max_iter or not bool(restart.any()):
@@ -254,21 +279,28 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
                 rr = torch.where(restart, rr_r, rr)
                 active = restart
 
-    true_r = b - operator.mv(x)
+    true_r = b - apply(x)
     true_norm = torch.linalg.vector_norm(true_r, dim=1)
-    rel = torch.where(b_norm > 0, true_norm / torch.where(b_norm > 0, b_norm, 1.0), true_norm)
+    rel = _relative(true_norm, b_norm)
+    ok = status == int(Status.CONVERGED)
+    # A residual that is not finite at the end means the operator's output was not.
+    status = torch.where(ok & ~torch.isfinite(true_norm), int(Status.NON_FINITE_INPUT), status)
     ok = status == int(Status.CONVERGED)
     not_reached = ok & ~(true_norm <= tol)
     status = torch.where(not_reached, int(Status.MAX_ITER_REACHED), status)
     # Elements with non-finite right-hand sides report NaN, never a silent zero.
     x = torch.where(finite_b[:, None], x, torch.full_like(x, float("nan")))
     rel = torch.where(finite_b, rel, torch.full_like(rel, float("nan")))
+    best_rel = None
     if track_best:
         best_x = torch.where(finite_b[:, None], best_x, x)
-    return LinearSolveResult(x, status, iterations, rel), best_x
+        failed = status != int(Status.CONVERGED)
+        if bool(failed.any()):
+            best_norm = torch.linalg.vector_norm(b - apply(best_x), dim=1)
+            best_rel = torch.where(finite_b, _relative(best_norm, b_norm), rel)
+    return LinearSolveResult(x, status, iterations, rel), best_x, best_rel
 
 
-def _is_identity(precond: Preconditioner) -> bool:
-    from .preconditioners import IdentityPreconditioner
-
-    return isinstance(precond, IdentityPreconditioner)
+def _relative(norm: Tensor, b_norm: Tensor) -> Tensor:
+    """``norm / ‖b‖``, and ``norm`` itself where ``b = 0``."""
+    return torch.where(b_norm > 0, norm / torch.where(b_norm > 0, b_norm, 1.0), norm)

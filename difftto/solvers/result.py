@@ -8,6 +8,8 @@ zeroed solution or the best iterate, as the caller chose.
 from __future__ import annotations
 
 import enum
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -97,33 +99,72 @@ class LinearSolveResult:
         return "\n".join(lines) if lines else "all batch elements converged"
 
 
+def _internal_dirs() -> tuple[str, ...]:
+    import torch as _torch
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # difftto/
+    return (here + os.sep, os.path.dirname(os.path.abspath(_torch.__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` called by this function's caller)
+    of the first frame outside difftto and torch: user code, not the solver or
+    torch's ``no_grad`` decorator, nor the autograd engine of a backward pass."""
+    internal = _internal_dirs()
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        internal
+    ):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def apply_failure_policy(
-    result: LinearSolveResult, policy: str, *, best: Tensor | None = None, what: str = "linear solve"
+    result: LinearSolveResult,
+    policy: str,
+    *,
+    best: Tensor | None = None,
+    best_relative_residual: Tensor | None = None,
+    what: str = "linear solve",
 ) -> LinearSolveResult:
     """Acts on failed elements of ``result`` according to ``policy``.
 
     - ``"raise"``: raises :class:`LinearSolveError` naming each failed element.
     - ``"warn"``: warns (:class:`LinearSolveWarning`) and keeps the last iterate.
-    - ``"zero"``: warns and sets the failed elements' solutions to zero.
+    - ``"zero"``: warns and sets the failed elements' solutions to zero (their
+      relative residual becomes ``1``, that of ``x = 0``, where it was finite).
     - ``"best"``: warns and returns, for failed elements, ``best`` (the iterate with
-      the smallest residual seen) when given.
+      the smallest residual seen) when given, with ``best_relative_residual``.
 
     The status is kept as it was in every case: callers can still see the failure.
+    Warnings point at the first caller outside difftto and torch.
+
+    Raises:
+        ValueError: for an unknown ``policy``.
+        LinearSolveError: with ``policy="raise"`` when an element failed.
     """
     if policy not in FAILURE_POLICIES:
         raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {policy!r}")
     failed = ~result.converged
     if not bool(failed.any()):
         return result
-    summary = f"{what} did not converge for {int(failed.sum())} of {failed.numel()} batch elements:\n" + result.describe()
+    summary = (
+        f"{what} did not converge for {int(failed.sum())} of {failed.numel()} batch "
+        f"elements:\n{result.describe()}"
+    )
     if policy == "raise":
         raise LinearSolveError(summary)
-    solution = result.solution
+    solution, rel = result.solution, result.relative_residual
     if policy == "zero":
         solution = torch.where(failed[:, None], torch.zeros_like(solution), solution)
+        rel = torch.where(failed & torch.isfinite(rel), torch.ones_like(rel), rel)
         summary += "\n(on_failure='zero': their solutions were set to zero)"
     elif policy == "best" and best is not None:
         solution = torch.where(failed[:, None], best, solution)
+        if best_relative_residual is not None:
+            rel = torch.where(failed, best_relative_residual, rel)
         summary += "\n(on_failure='best': their best iterates were returned)"
-    warnings.warn(summary, LinearSolveWarning, stacklevel=3)
-    return LinearSolveResult(solution, result.status, result.iterations, result.relative_residual)
+    warnings.warn(summary, LinearSolveWarning, stacklevel=_user_stacklevel())
+    return LinearSolveResult(solution, result.status, result.iterations, rel)
