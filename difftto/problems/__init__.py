@@ -2,6 +2,7 @@
 
 from . import least_squares as least_squares  # noqa: F401  (registers its problems)
 from . import theseus as theseus  # noqa: F401  (registers 'theseus'; imports theseus lazily)
+from . import splatting as splatting  # noqa: F401  (registers "gaussian_splatting")
 from .base import Data as Data
 from .base import Linearization as Linearization
 from .base import Problem as Problem
