@@ -189,7 +189,8 @@ class PCG:
 
 def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
               recompute_every, track_best):
-    b = b.detach()
+    # Contiguous [B, n] rows: the CuPy kernels index them directly, and x, r, p inherit it.
+    b = b.detach().contiguous()
     batch, n = b.shape
     dev = b.device
     inverse_diagonal = precond.inverse_diagonal if isinstance(precond, JacobiPreconditioner) else None
@@ -217,7 +218,8 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
     tol = torch.clamp(rtol * b_norm, min=atol)
     tol2 = tol * tol
 
-    x = torch.zeros_like(b) if x0 is None else x0.detach().clone()
+    x = (torch.zeros_like(b) if x0 is None
+         else x0.detach().to(b.dtype).clone(memory_format=torch.contiguous_format))
     r = b.clone() if x0 is None else b - apply(x)
     status = torch.full((batch,), int(Status.CONVERGED), dtype=torch.int64, device=dev)
     status = torch.where(finite_b, status, int(Status.NON_FINITE_INPUT))

@@ -196,16 +196,19 @@ def test_batched_equals_per_element(system, preconditioner):
     for i in range(a.shape[0]):
         single = solver.solve(dense_operator(a[i : i + 1]), b[i : i + 1],
                               preconditioner=preconditioner)
-        # Each element runs its own α, β: the same arithmetic, whatever its neighbours do.
-        # (Restarts after a false "converged" wait for the whole batch, so iteration
-        # counts may differ there; both runs meet the tolerance either way.)
+        # Each element runs its own α, β: the same algorithm whatever its neighbours do.
+        # Batched and single matmuls round differently, and on badly conditioned systems
+        # CG's path amplifies rounding (loss of orthogonality), so iteration counts are
+        # only compared on well-conditioned systems (the test below); here both runs
+        # must meet the tolerance and agree within the forward-error bound.
         assert single.status[0] == batched.status[i] == Status.CONVERGED
         scale = float(single.solution[0].norm()) + 1e-30
         eig = torch.linalg.eigvalsh(a[i].double())
         cond = float(eig[-1] / eig[0])
-        tol = 2.5 * cond * rtol * scale
+        # Each is within κ·(rtol + rounding of its own residual) of the exact solution.
+        rounding = 4 * n_eff(a) * torch.finfo(a.dtype).eps * cond
+        tol = 2.05 * cond * (rtol + rounding) * scale
         assert float((single.solution[0] - batched.solution[i]).norm()) <= tol
-        assert abs(int(single.iterations[0]) - int(batched.iterations[i])) <= solver.check_every
 
 
 def test_batched_equals_per_element_iteration_for_iteration():
