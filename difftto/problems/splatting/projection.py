@@ -149,8 +149,8 @@ def project_gaussians(
         valid &= (rx > 0) | (ry > 0)
         valid &= (m2[..., 0] + rx > 0) & (m2[..., 0] - rx < width)
         valid &= (m2[..., 1] + ry > 0) & (m2[..., 1] - ry < height)
-        # Radii are clamped well below int32 range; the binning clamps to the image anyway.
-        big = float(4 * max(width, height) + 8)
+        # Radii stay in int32 range; the tile binning clamps footprints to the image.
+        big = float(2**30)
         radii = torch.stack([rx.clamp(max=big), ry.clamp(max=big)], dim=-1)
         radii = torch.where(valid.unsqueeze(-1), radii, 0.0).to(torch.int32)
 
