@@ -314,18 +314,24 @@ class _ImplicitSolve(torch.autograd.Function):
 
 
 def _data_cotangents(c: _Context, lam_flat, theta0, star, leaves, u, wanted):
-    """``−(∂²D/∂θ∂data)ᵀ u``: one VJP of ``⟨∇θD(θ*, data), u⟩`` with respect to data."""
-    with torch.enable_grad():
-        local = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(leaves)]
+    """``−(∂²D/∂θ∂data)ᵀ u``: one VJP of ``∇θD(θ*, data)`` with respect to data (by
+    torch.func, so that it also runs under an outer torch.func transform)."""
+    fixed = [t.detach() for t in leaves]
+    star = star.detach()
+
+    def data_gradient(*targets):
+        local = list(fixed)
+        for i, t in zip(wanted, targets):
+            local[i] = t
         data = _with_leaves(c.data, c.grad_keys, local)
         objective = c.layer._objective(c.layout, theta0.detach(), None, data)
-        t = star.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(objective.data_term(t).sum(), t, create_graph=True)
-        targets = [local[i] for i in wanted]
-        grads = torch.autograd.grad(g, targets, grad_outputs=u, allow_unused=True)
+        return torch.func.grad(lambda t: objective.data_term(t).sum())(star)
+
+    _, vjp_fn = torch.func.vjp(data_gradient, *[fixed[i] for i in wanted])
+    grads = vjp_fn(u)
     out = [None] * len(leaves)
     for i, gi in zip(wanted, grads):
-        out[i] = torch.zeros_like(leaves[i]) if gi is None else -gi
+        out[i] = -gi
     return out
 
 

@@ -123,14 +123,14 @@ class InnerObjective:
         clamped at zero."""
         theta = theta.detach()
         data = self.problem.freeze(self.layout.unflatten(theta), self.data)
-        with torch.enable_grad():
-            t = theta.requires_grad_(True)
-            (g,) = torch.autograd.grad(self.data_term(t, data).sum(), t, create_graph=True)
+
+        def gradient(x):
+            return torch.func.grad(lambda y: self.data_term(y, data).sum())(x)
+
+        _, hvp_fn = torch.func.vjp(gradient, theta)  # reverse-over-reverse, reused
 
         def hvp(v: Tensor) -> Tensor:
-            with torch.enable_grad():
-                (hv,) = torch.autograd.grad(g, t, v, retain_graph=True)
-            return hv.detach()
+            return hvp_fn(v)[0].detach()
 
         diag = None
         if self.diagonal_probes > 0:
@@ -180,37 +180,27 @@ class InnerObjective:
         return jvp, vjp, diag
 
     def _autograd_products(self, theta: Tensor, data: Data):
-        with torch.enable_grad():
-            t = theta.clone().requires_grad_(True)
-            r = self.residuals(t, data)
-        if not r.requires_grad:  # residuals independent of θ
-            def vjp(w):
-                return torch.zeros_like(theta)
-        else:
-            def vjp(w):
-                with torch.enable_grad():
-                    (g,) = torch.autograd.grad(r, t, w, retain_graph=True, allow_unused=True)
-                return torch.zeros_like(theta) if g is None else g.detach()
-
+        # torch.func rather than torch.autograd: the products then also work inside the
+        # layer's backward when the layer itself runs under a torch.func transform.
         def residual_fn(x):
             return self.residuals(x, data)
 
+        r, vjp_fn = torch.func.vjp(residual_fn, theta)
+
+        def vjp(w):
+            return vjp_fn(w)[0].detach()
+
         def forward_jvp(v):
-            _, jv = torch.func.jvp(residual_fn, (theta,), (v,))
-            return jv.detach()
+            return torch.func.jvp(residual_fn, (theta,), (v,))[1].detach()
 
         dual = {}
 
         def double_vjp(v):
-            # J v = ∂/∂w ⟨Jᵀ w, v⟩ on a graph built once: needs only double backward.
-            if "g" not in dual:
-                with torch.enable_grad():
-                    w = torch.zeros_like(r, requires_grad=True)
-                    (g,) = torch.autograd.grad(r, t, w, create_graph=True, retain_graph=True)
-                dual["w"], dual["g"] = w, g
-            with torch.enable_grad():
-                (jv,) = torch.autograd.grad(dual["g"], dual["w"], v, retain_graph=True)
-            return jv.detach()
+            # J v = the VJP of the linear map w ↦ Jᵀw, built once and reused: needs only
+            # double-backward rules, and reuses one graph for every product.
+            if "fn" not in dual:
+                _, dual["fn"] = torch.func.vjp(lambda w: vjp_fn(w)[0], torch.zeros_like(r))
+            return dual["fn"](v)[0].detach()
 
         if self.jvp_mode == "forward":
             jvp = forward_jvp
@@ -229,10 +219,7 @@ class InnerObjective:
                         state["mode"] = forward_jvp
                 return state["mode"](v)
 
-        diag = None
-        if r.requires_grad:
-            diag = self._gauss_newton_diagonal(jvp, vjp, theta, r.shape)
-        return jvp, vjp, diag
+        return jvp, vjp, self._gauss_newton_diagonal(jvp, vjp, theta, r.shape)
 
     def _gauss_newton_diagonal(self, jvp, vjp, theta: Tensor, residual_shape) -> Tensor | None:
         """``diag(JᵀJ)``: exact from ``n`` products ``‖J e_j‖²`` when ``n`` is at most the
