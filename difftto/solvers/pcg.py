@@ -12,6 +12,11 @@ Two departures from the textbook, both for float32 robustness:
 - when the recursive residual says an element converged, the true residual is
   checked before that is believed; an element whose true residual is still too
   large is restarted from its current iterate while iterations remain.
+
+Non-finite values never pass silently: a NaN/Inf right-hand side, start vector, or
+operator output (in ``p·Ap``, a replaced residual, or the final true residual) makes
+that element ``NON_FINITE_INPUT``, and an element that stopped keeps its iterate
+whatever its (possibly non-finite) search direction holds.
 """
 
 from __future__ import annotations
@@ -161,8 +166,11 @@ class PCG:
             status, iterations and the true relative residual.
 
         Raises:
-            ValueError: on mismatched shapes or an operator declared non-symmetric.
+            ValueError: on mismatched shapes, an operator declared non-symmetric, or an
+                operator whose ``mv`` returns another shape.
             LinearSolveError: with ``on_failure="raise"`` when an element fails.
+            CupyBackendUnavailable: with ``backend="cupy"`` where CUDA, a CUDA tensor, a
+                float32/float64 dtype or cupy is missing (``"auto"`` falls back to torch).
         """
         operator.check_vector(b, "b")
         if not operator.symmetric:
