@@ -55,7 +55,7 @@ class TheseusObjective(Problem):
                     f"optimization variable {name!r} is a {type(var).__name__}; TheseusObjective "
                     "supports Euclidean variables (th.Vector, th.Point2, th.Point3) only"
                 )
-        self.objective = objective
+        self.theseus_objective = objective
         self.variable_names = tuple(objective.optim_vars.keys())
 
     def residuals(self, theta, data: Data) -> Tensor:
@@ -70,15 +70,15 @@ class TheseusObjective(Problem):
             )
         values = dict(theta)
         if data:
-            unknown = set(data) - set(self.objective.aux_vars)
+            unknown = set(data) - set(self.theseus_objective.aux_vars)
             if unknown:
                 raise ValueError(
                     f"TheseusObjective: data keys {sorted(unknown)} are not auxiliary variables of the "
-                    f"objective ({sorted(self.objective.aux_vars)})"
+                    f"objective ({sorted(self.theseus_objective.aux_vars)})"
                 )
             values.update(data)
-        self.objective.update(values)
-        return self.objective.error()
+        self.theseus_objective.update(values)
+        return self.theseus_objective.error()
 
     def __repr__(self) -> str:
         return f"TheseusObjective(variables={list(self.variable_names)})"
