@@ -17,7 +17,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -n 2 -q
+	# Two pytest workers with one torch thread each: no oversubscription of 2 cores.
+	OMP_NUM_THREADS=1 HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -n 2 -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
