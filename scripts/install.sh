@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install -q)
-"${PIP[@]}" --upgrade pip "setuptools>=64" wheel
+"${PIP[@]}" --upgrade pip "setuptools>=77" wheel
 echo "[install] $TORCH_SPEC"
 "${PIP[@]}" "$TORCH_SPEC"
 

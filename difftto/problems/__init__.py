@@ -1,8 +1,8 @@
 """Problems: data terms ``D(θ; data)``, and their registry."""
 
 from . import least_squares as least_squares  # noqa: F401  (registers its problems)
-from . import theseus as theseus  # noqa: F401  (registers 'theseus'; imports theseus lazily)
 from . import splatting as splatting  # noqa: F401  (registers "gaussian_splatting")
+from . import theseus as theseus  # noqa: F401  (registers 'theseus'; imports theseus lazily)
 from .base import Data as Data
 from .base import Linearization as Linearization
 from .base import Problem as Problem
