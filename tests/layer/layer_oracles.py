@@ -57,3 +57,10 @@ def central_differences(fn, x, eps=1e-6):
         e = e.view_as(base)
         flat[i] = (fn(base + e) - fn(base - e)) / (2 * eps)
     return grad
+
+
+def examples(ci_count: int) -> int:
+    """``ci_count`` examples under the ``ci`` profile, a fifth (at least 10) otherwise."""
+    import os
+
+    return ci_count if os.environ.get("HYPOTHESIS_PROFILE", "dev") == "ci" else max(ci_count // 5, 10)

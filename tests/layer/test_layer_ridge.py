@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_oracles import gn_layer, ridge_closed_form, ridge_data
+from layer_oracles import examples, gn_layer, ridge_closed_form, ridge_data
 
 import difftto
 
@@ -19,6 +19,7 @@ def make_lam(kind, batch, n, g, scale):
     return scale * (0.1 + torch.rand(batch, n, generator=g, dtype=torch.float64))
 
 
+@settings(max_examples=examples(300))
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), m=st.integers(1, 12),
        n=st.integers(1, 8), kind=st.sampled_from(LAM_KINDS),
        scale=st.sampled_from([1e-2, 1.0, 1e2]))
@@ -43,6 +44,7 @@ def test_ridge_solution_and_gradients_match_closed_form(seed, batch, m, n, kind,
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-7, atol=1e-9, msg=f"gradient of {name}")
 
 
+@settings(max_examples=examples(150))
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6))
 def test_infinite_weights_make_the_layer_the_identity(seed, n):
     a, y, theta0, g = ridge_data(seed, 2, 5, n)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_oracles import gn_layer, ridge_data
+from layer_oracles import examples, gn_layer, ridge_data
 
 import difftto
 from difftto.problems import Problem
@@ -19,6 +19,7 @@ class GroupedQuadratic(Problem):
         return torch.einsum("bmn,bn->bm", data["A"], flat) - data["y"]
 
 
+@settings(max_examples=examples(150))
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3))
 def test_dict_parameters_with_per_group_weights_equal_the_flat_problem(seed, batch):
     a, y, _, g = ridge_data(seed, batch, 9, 7)

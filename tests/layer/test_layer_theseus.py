@@ -34,7 +34,7 @@ def build_objective(batch, m, with_prior):
     return objective
 
 
-@settings(max_examples=10)
+@settings(max_examples=20)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_matches_theseus_layer_implicit_gradients(seed):
     t, y, theta0, g = exp_fit_data(seed, 2, 10, noise=0.05)
