@@ -84,19 +84,30 @@ class LinearSolveResult:
     def all_converged(self) -> bool:
         return bool(self.converged.all())
 
-    def describe(self) -> str:
-        """A one-line-per-failure human summary."""
-        lines = []
-        for b, (s, it, rr) in enumerate(
-            zip(self.status.tolist(), self.iterations.tolist(),
-                self.relative_residual.tolist())
-        ):
-            if s != Status.CONVERGED:
-                lines.append(
-                    f"  batch element {b}: {Status(s).name} after {it} iterations, "
-                    f"relative residual {rr:.3e}: {Status(s).message}"
-                )
-        return "\n".join(lines) if lines else "all batch elements converged"
+    def describe(self, max_lines: int = 5) -> str:
+        """A human summary: one line per failed element (the first ``max_lines``), then
+        a count per status for the rest, and what each status means."""
+        failed = [
+            (b, Status(s), it, rr)
+            for b, (s, it, rr) in enumerate(
+                zip(self.status.tolist(), self.iterations.tolist(), self.relative_residual.tolist())
+            )
+            if s != Status.CONVERGED
+        ]
+        if not failed:
+            return "all batch elements converged"
+        lines = [
+            f"  batch element {b}: {s.name} after {it} iterations, relative residual {rr:.3e}"
+            for b, s, it, rr in failed[:max_lines]
+        ]
+        if len(failed) > max_lines:
+            rest = {}
+            for _, s, _, _ in failed[max_lines:]:
+                rest[s.name] = rest.get(s.name, 0) + 1
+            lines.append("  ... and " + ", ".join(f"{n} more {name}" for name, n in rest.items()))
+        for status in sorted({s for _, s, _, _ in failed}):
+            lines.append(f"  {status.name}: {status.message}")
+        return "\n".join(lines)
 
 
 def _internal_dirs() -> tuple[str, ...]:
