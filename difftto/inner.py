@@ -206,7 +206,8 @@ class GaussNewton(InnerOptimizer):
     """Gauss-Newton / Levenberg-Marquardt for least-squares problems.
 
     Each step solves ``(JᵀJ + diag Λ + μ D) δ = −∇E`` matrix-free with PCG, where
-    ``D = diag(JᵀJ + Λ)`` (Marquardt scaling; identity where unknown). With
+    ``D = max(diag(JᵀJ + Λ), diagonal_floor · mean diag)`` (Marquardt scaling, floored;
+    identity where the diagonal is unknown). With
     ``damping > 0`` the damping ``μ`` adapts per batch element: a step that does not
     decrease ``E`` is rejected and ``μ`` grows ×``damping_factor``; an accepted one
     shrinks it. ``damping = 0`` gives plain Gauss-Newton (every step accepted).
@@ -220,6 +221,7 @@ class GaussNewton(InnerOptimizer):
     steps: int = 10
     damping: float = 1e-3
     damping_factor: float = 10.0
+    diagonal_floor: float = 1e-2
     solver: PCG = field(default_factory=lambda: PCG(rtol=1e-4, max_iter=50, on_failure="best"))
     tol: float | None = None
     check_every: int = 1
@@ -248,7 +250,14 @@ class GaussNewton(InnerOptimizer):
         op = objective.gauss_newton_operator(theta)
         mu = state["mu"]
         diag = op.diagonal()
-        scale = torch.ones_like(theta) if diag is None else diag.clamp_min(1e-12)
+        if diag is None:
+            scale = torch.ones_like(theta)
+        else:
+            # Marquardt scaling, floored relative to the mean curvature: directions the data
+            # barely sees (an occluded Gaussian's scale or rotation) would otherwise get no
+            # damping, and the local model sends them arbitrarily far.
+            floor = self.diagonal_floor * diag.mean(dim=1, keepdim=True).clamp_min(1e-30)
+            scale = torch.maximum(diag, floor)
         damped = op + DiagonalOperator(mu[:, None] * scale, positive_definite=bool((mu > 0).all()))
         with warnings.catch_warnings():
             # An inexact inner step is fine; the step is checked by the decrease of E below.
