@@ -42,7 +42,7 @@ import difftto  # noqa: E402
 from examples.diff3r.data import BoundedViewSampler, RE10KDataset, generate_dataset  # noqa: E402
 from examples.diff3r.metrics import load_lpips, lpips_distance, psnr  # noqa: E402
 from examples.diff3r.model import GROUPS, Diff3RModel  # noqa: E402
-from examples.diff3r.pipeline import build_layer, run_pipeline  # noqa: E402
+from examples.diff3r.pipeline import build_layer, render_views, run_pipeline  # noqa: E402
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -294,6 +294,9 @@ def train(cfg: DictConfig) -> dict:
             out = run_pipeline(model, batch, layer, lam=lam)
             target = batch["target_images"]
             loss = float(cfg.loss.mse) * F.mse_loss(out.render, target)
+            theta0_weight = float(cfg.loss.get("theta0", 0.0))
+            if layer is not None and theta0_weight > 0:  # keep Θ0 itself a usable feed-forward prediction
+                loss = loss + theta0_weight * F.mse_loss(render_views(out.prediction.theta, batch), target)
             if lpips_module is not None:
                 loss = loss + float(cfg.loss.lpips) * lpips_distance(lpips_module, out.render, target).mean()
             optimizer.zero_grad(set_to_none=True)

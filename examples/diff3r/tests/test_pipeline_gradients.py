@@ -31,6 +31,7 @@ def _lam_rows(model):
     return slice(model.head[-1].out_channels - len(GROUPS), None)
 
 
+@pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")  # a short PCG budget here
 def test_gradients_reach_lambda_head_and_encoder_through_the_layer(batch):
     torch.manual_seed(0)
     model = Diff3RModel(**TINY_MODEL)
