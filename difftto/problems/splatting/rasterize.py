@@ -1,6 +1,6 @@
 """``rasterize``: render batched 3D Gaussians into several cameras.
 
-Two backends behind one call:
+Three backends behind one call:
 
 - ``"torch"``: a pure-PyTorch tile rasterizer (any device). Differentiable in
   reverse mode, forward mode (``torch.func.jvp``) and to higher order, so it gives
@@ -8,7 +8,13 @@ Two backends behind one call:
 - ``"gsplat"``: gsplat's CUDA ``rasterization()`` (reverse mode only), for CUDA
   tensors when gsplat's kernels load.
 
-``backend="auto"`` picks gsplat for CUDA tensors when it can run, torch otherwise.
+- ``"cpu_kernels"``: compiled C++ kernels (:mod:`.cpu_kernels`, built on first use) for
+  the binning, compositing and its backward and forward mode, with this module's torch
+  path as their tested twin; the projection stays in torch autograd.
+
+``backend="auto"`` picks gsplat for CUDA tensors when it can run, the CPU kernels for
+float32/float64 CPU tensors (compiling them on first use), torch otherwise; a backend
+that cannot be built falls back to torch with a warning.
 
 How the torch path works (a design measured on 2-core CPUs, see REFERENCES.md):
 
@@ -143,11 +149,17 @@ def gsplat_available() -> tuple[bool, str]:
     return bool(_GSPLAT_STATUS["ok"]), str(_GSPLAT_STATUS["why"])
 
 
-def _choose_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "torch", "gsplat"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'gsplat', got {backend!r}")
+_BACKENDS = ("auto", "torch", "gsplat", "cpu_kernels")
+_FALLBACK_WARNED: set[str] = set()
+
+
+def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'torch', 'gsplat' or 'cpu_kernels', got {backend!r}")
     if backend == "torch":
         return "torch"
+    if backend == "cpu_kernels" or (backend == "auto" and device.type == "cpu"):
+        return _choose_cpu_kernels(backend, device, dtype)
     if device.type != "cuda":
         if backend == "gsplat":
             raise RuntimeError(
@@ -162,6 +174,26 @@ def _choose_backend(backend: str, device: torch.device) -> str:
         raise RuntimeError(f"backend='gsplat' cannot run: {why}")
     warnings.warn(f"gsplat unavailable ({why}); rasterize falls back to backend='torch'",
                   RuntimeWarning, stacklevel=3)
+    return "torch"
+
+
+def _choose_cpu_kernels(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The compiled CPU kernels (float32/float64 CPU tensors), else torch with a warning
+    (once per reason) when they cannot be built."""
+    from .cpu_kernels import cpu_kernels_available
+
+    if device.type != "cpu":
+        raise RuntimeError(f"backend='cpu_kernels' needs CPU tensors, but the Gaussians are on {device}")
+    if dtype not in (torch.float32, torch.float64):
+        if backend == "cpu_kernels":
+            raise ValueError(f"backend='cpu_kernels' supports float32 and float64, got {dtype}")
+        return "torch"
+    ok, why = cpu_kernels_available()
+    if ok:
+        return "cpu_kernels"
+    if why not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(why)
+        warnings.warn(f"{why}; rasterize falls back to backend='torch'", RuntimeWarning, stacklevel=4)
     return "torch"
 
 
@@ -196,14 +228,15 @@ def rasterize(
         width, height: image size in pixels (≥ 1).
         background: colour behind the Gaussians, broadcastable to ``[B, C, D]``
             (``None``: black).
-        backend: ``"auto"``, ``"torch"`` or ``"gsplat"`` (see the module doc).
+        backend: ``"auto"``, ``"torch"``, ``"cpu_kernels"`` or ``"gsplat"`` (see the
+            module doc).
         sh_degree: SH degree to use (default: all that ``sh`` holds).
         near_plane, far_plane: depth range of rendered Gaussians.
         eps2d: 2-D dilation in px² (0.3, as gsplat).
         tile_size: tile edge in pixels (torch backend).
         state: a :class:`RasterState` from an earlier call with the same shapes: reuse
-            its bins, depth order and active pairs (torch backend only).
-        return_state: also return the state of this call (torch backend only).
+            its bins, depth order and active pairs (torch and cpu_kernels backends).
+        return_state: also return the state of this call (torch and cpu_kernels).
 
     Returns:
         :class:`RenderOutput` ``(colors [B,C,H,W,D], alphas [B,C,H,W,1],
@@ -212,7 +245,8 @@ def rasterize(
     Raises:
         ValueError / KeyError / TypeError: malformed inputs (the message names the
             argument, the shape received and the one expected), non-finite inputs.
-        RuntimeError: ``backend="gsplat"`` where gsplat cannot run.
+        RuntimeError: ``backend="gsplat"`` where gsplat cannot run; ``"cpu_kernels"`` on
+            a non-CPU device.
     """
     g = Gaussians.from_params(gaussians)
     B, C = check_cameras(viewmats, Ks, batch=g.batch)
@@ -244,7 +278,12 @@ def rasterize(
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} has non-finite entries (NaN or inf)")
 
-    chosen = _choose_backend(backend, g.means.device)
+    chosen = _choose_backend(backend, g.means.device, g.means.dtype)
+    if chosen == "cpu_kernels":
+        from .cpu_kernels import render_cpu_kernels
+
+        return render_cpu_kernels(g, viewmats, Ks, width, height, bg, sh_degree, near_plane,
+                                  far_plane, eps2d, tile_size, state, return_state)
     if chosen == "gsplat":
         if state is not None or return_state:
             raise ValueError("state / return_state need backend='torch' (gsplat has no frozen "

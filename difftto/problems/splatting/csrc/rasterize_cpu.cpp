@@ -1,0 +1,750 @@
+// Compiled CPU kernels of difftto's tile rasterizer and of its Gauss-Newton products.
+//
+// The pure-PyTorch rasterizer (rasterize.py) is the reference twin of every function
+// here; the conventions are the same (gsplat's): alpha = min(0.999, o·exp(-σ)), pairs
+// with alpha < 1/255 skipped, a pixel stops (exclusive) once its transmittance would
+// reach 1e-4, front-to-back compositing, pixel centres at +0.5.
+//
+// Data layout shared by all kernels:
+//   feats  [I·N, F]  per (image, Gaussian): mx, my, conic a b c, log-opacity, colours[D],
+//                     depth  (F = 7 + D), image i = b·C + c, flat id i·N + n.
+//   tile_ptr [I·T+1], pair_gauss [M]: CSR of the (tile, Gaussian) pairs, tiles in image
+//                     order, each tile's Gaussians front to back.
+//   alpha, trans [M, P]: the per-(pair, pixel) cache of a render: the pair's alpha at
+//                     the pixel (0 where the pair is inactive) and the transmittance
+//                     before it. P = tile_size². Backward, J·v, Jᵀ·w and the Gram
+//                     (diagonal) kernels all read this cache instead of recomputing exp.
+//   out    [I, H, W, D+2]: colour sums, depth sum, alpha sum (Σ α·T) per pixel.
+//
+// Parallelism: tiles are handed out to torch's intra-op threads (at::parallel_for, which
+// is OpenMP in torch's CPU builds, so torch.set_num_threads applies) from an atomic
+// counter, because the work per tile varies a lot. Each tile's pixels form the inner,
+// vectorized loop (`omp simd`): a 4×4 tile is one AVX-512 register of floats.
+// Gradients are first written per pair (one writer per pair: no atomics) and then
+// reduced per Gaussian in a fixed order, so results are deterministic.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+constexpr double kAlphaMax = 0.999;
+constexpr double kTransMin = 1e-4;
+constexpr double kLn255 = 5.541263545158426;  // -log(1/255): alpha >= 1/255 <=> σ' <= ln 255
+
+// exp that the compiler can vectorize. Why not std::exp: without -ffast-math (which we
+// avoid: it would change NaN handling and the comparisons of the thresholds) GCC keeps a
+// scalar libm call inside the pixel loop. Cody-Waite reduction x = n·ln2 + r, |r| <= ln2/2,
+// then a Taylor polynomial (degree 7 for float, 13 for double: truncation below half an
+// ulp) and 2^n assembled in the exponent bits. Inputs below the range give 0.
+template <typename T>
+struct ExpTraits;
+template <>
+struct ExpTraits<float> {
+  using Int = int32_t;
+  static constexpr float lo = -87.0f, hi = 88.0f;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr float shift = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+  static constexpr int mantissa = 23, bias = 127, degree = 7;
+};
+template <>
+struct ExpTraits<double> {
+  using Int = int64_t;
+  static constexpr double lo = -708.0, hi = 709.0;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double shift = 6755399441055744.0;  // 1.5·2^52
+  static constexpr int mantissa = 52, bias = 1023, degree = 13;
+};
+
+// By-value min/max: std::min/max return references, which made GCC keep the operands in
+// stack slots and gather them, and then give up vectorizing the pixel loops.
+template <typename T>
+inline T min_v(T a, T b) {
+  return b < a ? b : a;
+}
+template <typename T>
+inline T max_v(T a, T b) {
+  return a < b ? b : a;
+}
+
+template <typename T>
+inline T fast_exp(T x) {
+  using E = ExpTraits<T>;
+  const T xc = min_v(max_v(x, T(E::lo)), T(E::hi));
+  // Round to nearest by the add-and-subtract trick: GCC does not vectorize std::floor
+  // unless -ffast-math (it may not raise the inexact flag).
+  const T n = (xc * T(1.4426950408889634) + E::shift) - E::shift;
+  const T r = (xc - n * E::ln2_hi) - n * E::ln2_lo;
+  T p = T(1);
+#pragma GCC unroll 16
+  for (int k = E::degree; k >= 1; --k) p = T(1) + p * r * (T(1) / T(k));
+  typename E::Int bits = (static_cast<typename E::Int>(n) + E::bias) << E::mantissa;
+  const T scale = __builtin_bit_cast(T, bits);
+  return x < T(E::lo) ? T(0) : p * scale;
+}
+
+struct Grid {
+  int64_t I, H, W, ts, tw, th, n_tiles, P;
+  Grid(int64_t I_, int64_t H_, int64_t W_, int64_t ts_)
+      : I(I_), H(H_), W(W_), ts(ts_), tw((W_ + ts_ - 1) / ts_), th((H_ + ts_ - 1) / ts_),
+        n_tiles(tw * th), P(ts_ * ts_) {}
+  // origin of tile t (global tile id i·n_tiles + local)
+  void origin(int64_t t, int64_t& i, int64_t& ox, int64_t& oy) const {
+    i = t / n_tiles;
+    const int64_t local = t % n_tiles;
+    ox = (local % tw) * ts;
+    oy = (local / tw) * ts;
+  }
+};
+
+// Runs fn(t) for every t in [0, n) on torch's threads, tiles taken from a shared counter.
+template <typename Fn>
+void for_each_dynamic(int64_t n, Fn&& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  constexpr int64_t chunk = 4;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t start = next.fetch_add(chunk);
+      if (start >= n) break;
+      const int64_t stop = std::min(n, start + chunk);
+      for (int64_t t = start; t < stop; ++t) fn(t);
+    }
+  });
+}
+
+void check_cpu_contiguous(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// ------------------------------------------------------------------------ binning
+
+template <typename T>
+bool reaches_tile(T mx, T my, T a, T b, T c, T log_op, int64_t tx, int64_t ty, int64_t ts) {
+  // Same test as rasterize._reaches_tile: exact minimum of the (convex) exponent over the
+  // rectangle spanned by the tile's pixel centres, with the same conservative margin.
+  const T x_lo = T(tx * ts) + T(0.5) - mx, y_lo = T(ty * ts) + T(0.5) - my;
+  const T x_hi = x_lo + T(ts - 1), y_hi = y_lo + T(ts - 1);
+  auto q = [&](T dx, T dy) { return T(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy; };
+  T best = (x_lo <= 0 && x_hi >= 0 && y_lo <= 0 && y_hi >= 0) ? T(0) : std::numeric_limits<T>::infinity();
+  for (T dx : {x_lo, x_hi}) {
+    const T dy = std::min(std::max(-b * dx / c, y_lo), y_hi);
+    best = std::min(best, q(dx, dy));
+  }
+  for (T dy : {y_lo, y_hi}) {
+    const T dx = std::min(std::max(-b * dy / a, x_lo), x_hi);
+    best = std::min(best, q(dx, dy));
+  }
+  const T threshold = log_op + T(kLn255);
+  return best <= threshold + T(1e-3) * (T(1) + std::abs(threshold));
+}
+
+template <typename T>
+void bin_impl(const T* means2d, const int32_t* radii, const T* conics, const T* log_op, const T* depths,
+              const bool* valid, const Grid& g, int64_t N, std::vector<std::vector<int64_t>>& per_image) {
+  at::parallel_for(0, g.I, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      std::vector<int64_t> order;
+      order.reserve(N);
+      for (int64_t n = 0; n < N; ++n)
+        if (valid[i * N + n]) order.push_back(n);
+      // Depth order with ties by index (torch's stable argsort).
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t x, int64_t y) { return depths[i * N + x] < depths[i * N + y]; });
+      std::vector<int64_t> keys;  // (local tile << 32 | rank) would overflow; keep two arrays
+      std::vector<int64_t> gauss;
+      for (int64_t n : order) {
+        const int64_t id = i * N + n;
+        const T mx = means2d[2 * id], my = means2d[2 * id + 1];
+        const T rx = T(radii[2 * id]), ry = T(radii[2 * id + 1]);
+        auto clampi = [](T v, int64_t hi) { return static_cast<int64_t>(std::min(std::max(v, T(0)), T(hi))); };
+        const int64_t x0 = clampi(std::floor((mx - rx) / T(g.ts)), g.tw);
+        const int64_t x1 = clampi(std::ceil((mx + rx) / T(g.ts)), g.tw);
+        const int64_t y0 = clampi(std::floor((my - ry) / T(g.ts)), g.th);
+        const int64_t y1 = clampi(std::ceil((my + ry) / T(g.ts)), g.th);
+        const T* cn = conics + 3 * id;
+        for (int64_t ty = y0; ty < y1; ++ty)
+          for (int64_t tx = x0; tx < x1; ++tx)
+            if (reaches_tile<T>(mx, my, cn[0], cn[1], cn[2], log_op[id], tx, ty, g.ts)) {
+              keys.push_back(ty * g.tw + tx);
+              gauss.push_back(id);
+            }
+      }
+      // Stable counting sort by tile: each tile's list stays front to back.
+      std::vector<int64_t> counts(g.n_tiles + 1, 0);
+      for (int64_t k : keys) ++counts[k + 1];
+      for (int64_t t = 0; t < g.n_tiles; ++t) counts[t + 1] += counts[t];
+      std::vector<int64_t>& dst = per_image[i];
+      dst.assign(keys.size() + g.n_tiles + 1, 0);
+      // dst = [tile_ptr (n_tiles+1) | gauss ids]
+      std::copy(counts.begin(), counts.end(), dst.begin());
+      std::vector<int64_t> fill(counts.begin(), counts.end() - 1);
+      for (size_t e = 0; e < keys.size(); ++e) dst[g.n_tiles + 1 + fill[keys[e]]++] = gauss[e];
+    }
+  });
+}
+
+// ------------------------------------------------------------------------ forward
+
+template <typename T, int kP>
+void forward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr, const int64_t* pair_gauss,
+                  const uint8_t* active_in, const Grid& g, T* out, T* alpha, T* trans, uint8_t* active_out) {
+  const int64_t P = kP > 0 ? kP : g.P, Q = D + 2;
+  const T amax = T(kAlphaMax), tmin = T(kTransMin), ln255 = T(kLn255);
+  for_each_dynamic(g.I * g.n_tiles, [&](int64_t t) {
+    const int64_t m0 = tile_ptr[t], m1 = tile_ptr[t + 1];
+    if (m0 == m1) return;
+    int64_t i, ox, oy;
+    g.origin(t, i, ox, oy);
+    // Masks live in T-typed buffers: GCC did not vectorize the pixel loop when it mixed
+    // uint8 flags with float arithmetic, and the scalar exp then dominated.
+    thread_local std::vector<T> buf;
+    buf.assign((7 + Q) * P, T(0));
+    T *px = buf.data(), *py = px + P, *tr = py + P, *w = tr + P, *live = w + P, *on = live + P, *stop = on + P;
+    T* acc = stop + P;
+    for (int64_t p = 0; p < P; ++p) {
+      px[p] = T(ox + p % g.ts) + T(0.5);
+      py[p] = T(oy + p / g.ts) + T(0.5);
+      tr[p] = T(1);
+      live[p] = T(1);
+    }
+    int64_t n_done = 0;
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* f = feats + pair_gauss[m] * F;
+      const T mx = f[0], my = f[1], a = f[2], b = f[3], c = f[4], lo = f[5];
+      T* al_m = alpha + m * P;
+      T* tr_m = trans + m * P;
+      if (active_in != nullptr) {
+        const uint8_t* act = active_in + m * P;
+        for (int64_t p = 0; p < P; ++p) on[p] = act[p] ? T(1) : T(0);
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) {
+          const T dx = px[p] - mx, dy = py[p] - my;
+          const T s = T(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy - lo;
+          const T al = min_v(fast_exp(-s), amax) * on[p];
+          tr_m[p] = tr[p];
+          al_m[p] = al;
+          w[p] = al * tr[p];
+          tr[p] = tr[p] * (T(1) - al);
+        }
+      } else {
+        T stops = 0;
+#pragma omp simd reduction(+ : stops)
+        for (int64_t p = 0; p < P; ++p) {
+          const T dx = px[p] - mx, dy = py[p] - my;
+          const T s = T(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy - lo;
+          const T raw = min_v(fast_exp(-s), amax);
+          const T ok = (s <= ln255) ? live[p] : T(0);  // α ≥ 1/255 and not yet stopped
+          const T tn = tr[p] * (T(1) - raw);
+          const T st = (tn <= tmin) ? ok : T(0);
+          const T use = ok - st;
+          const T al = raw * use;
+          live[p] -= st;
+          stop[p] = st;
+          stops += st;
+          on[p] = use;
+          tr_m[p] = tr[p];
+          al_m[p] = al;
+          w[p] = al * tr[p];
+          tr[p] = use > T(0) ? tn : tr[p];
+        }
+        uint8_t* act = active_out + m * P;
+        for (int64_t p = 0; p < P; ++p) act[p] = on[p] > T(0);
+        n_done += static_cast<int64_t>(stops);
+      }
+      for (int64_t q = 0; q < D; ++q) {
+        const T v = f[6 + q];
+        T* aq = acc + q * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) aq[p] += w[p] * v;
+      }
+      const T z = f[6 + D];
+      T *ad = acc + D * P, *aa = acc + (D + 1) * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) {
+        ad[p] += w[p] * z;
+        aa[p] += w[p];
+      }
+      if (active_in == nullptr && n_done == P) {
+        // Every pixel stopped: the tile's remaining pairs are inactive (gsplat's early
+        // exit of a tile).
+        const int64_t rest = (m1 - m - 1) * P;
+        std::fill(alpha + (m + 1) * P, alpha + (m + 1) * P + rest, T(0));
+        std::fill(trans + (m + 1) * P, trans + (m + 1) * P + rest, T(0));
+        std::fill(active_out + (m + 1) * P, active_out + (m + 1) * P + rest, uint8_t(0));
+        break;
+      }
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t x = ox + p % g.ts, y = oy + p / g.ts;
+      if (x >= g.W || y >= g.H) continue;
+      T* o = out + ((i * g.H + y) * g.W + x) * Q;
+      for (int64_t q = 0; q < Q; ++q) o[q] = acc[q * P + p];
+    }
+  });
+}
+
+// Loads a [I, H, W, Q] per-pixel tensor into a tile buffer [Q, P] (zeros outside the image).
+template <typename T>
+void load_tile(const T* src, int64_t Q, const Grid& g, int64_t i, int64_t ox, int64_t oy, T* dst) {
+  for (int64_t p = 0; p < g.P; ++p) {
+    const int64_t x = ox + p % g.ts, y = oy + p / g.ts;
+    const bool in = x < g.W && y < g.H;
+    const T* s = in ? src + ((i * g.H + y) * g.W + x) * Q : nullptr;
+    for (int64_t q = 0; q < Q; ++q) dst[q * g.P + p] = in ? s[q] : T(0);
+  }
+}
+
+// ------------------------------------------------------------------------ backward (Jᵀ·w)
+
+// grad_pair [M, F]: the gradient of one pair summed over its tile's pixels.
+template <typename T, int kP>
+void backward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr, const int64_t* pair_gauss,
+                   const T* alpha, const T* trans, const T* grad_out, const Grid& g, T* grad_pair) {
+  const int64_t P = kP > 0 ? kP : g.P, Q = D + 2;
+  const T amax = T(kAlphaMax);
+  for_each_dynamic(g.I * g.n_tiles, [&](int64_t t) {
+    const int64_t m0 = tile_ptr[t], m1 = tile_ptr[t + 1];
+    if (m0 == m1) return;
+    int64_t i, ox, oy;
+    g.origin(t, i, ox, oy);
+    thread_local std::vector<T> buf;
+    buf.assign((5 + Q) * P, T(0));
+    T *px = buf.data(), *py = px + P, *rest = py + P, *gv = rest + P, *w = gv + P, *go = w + P;
+    for (int64_t p = 0; p < P; ++p) {
+      px[p] = T(ox + p % g.ts) + T(0.5);
+      py[p] = T(oy + p / g.ts) + T(0.5);
+    }
+    load_tile(grad_out, Q, g, i, ox, oy, go);
+    // Back to front: `rest` = Σ over the later pairs of w_j·⟨g, v_j⟩ (v = colour, depth, 1).
+    for (int64_t m = m1 - 1; m >= m0; --m) {
+      const T* f = feats + pair_gauss[m] * F;
+      const T mx = f[0], my = f[1], a = f[2], b = f[3], c = f[4];
+      const T* al_m = alpha + m * P;
+      const T* tr_m = trans + m * P;
+      T* gp = grad_pair + m * F;
+      T alive = 0;
+#pragma omp simd reduction(+ : alive)
+      for (int64_t p = 0; p < P; ++p) alive += al_m[p];
+      if (alive == T(0)) {  // inactive at every pixel (kept by the binning): exactly zero
+        std::fill(gp, gp + F, T(0));
+        continue;
+      }
+      const T z = f[6 + D];
+      const T *gz = go + D * P, *ga = go + (D + 1) * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) gv[p] = gz[p] * z + ga[p];
+      for (int64_t q = 0; q < D; ++q) {
+        const T v = f[6 + q];
+        const T* gq = go + q * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) gv[p] += gq[p] * v;
+      }
+      T gmx = 0, gmy = 0, ga_ = 0, gb = 0, gc = 0, glo = 0;
+#pragma omp simd reduction(+ : gmx, gmy, ga_, gb, gc, glo)
+      for (int64_t p = 0; p < P; ++p) {
+        const T al = al_m[p], tr = tr_m[p];
+        const T wp = al * tr;
+        w[p] = wp;
+        const T d_alpha = tr * gv[p] - rest[p] / (T(1) - al);
+        rest[p] += wp * gv[p];
+        // dα/dσ' = -α below the clamp, 0 on it (torch's clamp passes the gradient at
+        // equality; a raw value of exactly 0.999 is the one case that differs).
+        const T dfac = al < amax ? al : T(0);
+        const T ds = -dfac * d_alpha;  // dL/dσ', σ' = σ - log o
+        const T dx = px[p] - mx, dy = py[p] - my;
+        gmx -= ds * (a * dx + b * dy);
+        gmy -= ds * (c * dy + b * dx);
+        ga_ += ds * T(0.5) * dx * dx;
+        gb += ds * dx * dy;
+        gc += ds * T(0.5) * dy * dy;
+        glo -= ds;
+      }
+      gp[0] = gmx;
+      gp[1] = gmy;
+      gp[2] = ga_;
+      gp[3] = gb;
+      gp[4] = gc;
+      gp[5] = glo;
+      for (int64_t q = 0; q <= D; ++q) {  // colours and depth: ∂/∂v = w·g
+        const T* gq = go + q * P;
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t p = 0; p < P; ++p) s += w[p] * gq[p];
+        gp[6 + q] = s;
+      }
+    }
+  });
+}
+
+// Sums per-pair rows [M, R] into per-Gaussian rows [num, R] through a by-Gaussian CSR
+// (gauss_ptr, gauss_pairs): a segmented reduction, parallel over Gaussians, fixed order.
+template <typename T>
+void reduce_by_gaussian(const T* per_pair, int64_t R, const int64_t* gauss_ptr, const int64_t* gauss_pairs,
+                        int64_t num, T* out) {
+  at::parallel_for(0, num, 256, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      T* o = out + n * R;
+      for (int64_t r = 0; r < R; ++r) o[r] = T(0);
+      for (int64_t e = gauss_ptr[n]; e < gauss_ptr[n + 1]; ++e) {
+        const T* s = per_pair + gauss_pairs[e] * R;
+        for (int64_t r = 0; r < R; ++r) o[r] += s[r];
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------ J·v
+
+template <typename T, int kP>
+void jvp_impl(const T* feats, const T* dfeats, int64_t F, int64_t D, const int64_t* tile_ptr,
+              const int64_t* pair_gauss, const T* alpha, const T* trans, const Grid& g, T* dout) {
+  const int64_t P = kP > 0 ? kP : g.P, Q = D + 2;
+  const T amax = T(kAlphaMax);
+  for_each_dynamic(g.I * g.n_tiles, [&](int64_t t) {
+    const int64_t m0 = tile_ptr[t], m1 = tile_ptr[t + 1];
+    if (m0 == m1) return;
+    int64_t i, ox, oy;
+    g.origin(t, i, ox, oy);
+    thread_local std::vector<T> buf;
+    buf.assign((5 + Q) * P, T(0));
+    T *px = buf.data(), *py = px + P, *s = py + P, *w = s + P, *dw = w + P, *acc = dw + P;
+    for (int64_t p = 0; p < P; ++p) {
+      px[p] = T(ox + p % g.ts) + T(0.5);
+      py[p] = T(oy + p / g.ts) + T(0.5);
+    }
+    // Front to back: s = Σ_{j<k} dα_j / (1 - α_j), so that dT_k = -T_k·s.
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t id = pair_gauss[m];
+      const T* f = feats + id * F;
+      const T* df = dfeats + id * F;
+      const T mx = f[0], my = f[1], a = f[2], b = f[3], c = f[4];
+      const T dmx = df[0], dmy = df[1], da = df[2], db = df[3], dc = df[4], dlo = df[5];
+      const T* al_m = alpha + m * P;
+      const T* tr_m = trans + m * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) {
+        const T al = al_m[p], tr = tr_m[p];
+        const T dx = px[p] - mx, dy = py[p] - my;
+        const T dsig = -(a * dx + b * dy) * dmx - (c * dy + b * dx) * dmy +
+                       T(0.5) * (dx * dx * da + dy * dy * dc) + dx * dy * db - dlo;
+        const T dfac = al < amax ? al : T(0);
+        const T dal = -dfac * dsig;
+        w[p] = al * tr;
+        dw[p] = tr * (dal - al * s[p]);
+        s[p] += dal / (T(1) - al);
+      }
+      for (int64_t q = 0; q <= D; ++q) {
+        const T v = f[6 + q], dv = df[6 + q];
+        T* aq = acc + q * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) aq[p] += dw[p] * v + w[p] * dv;
+      }
+      T* aa = acc + (D + 1) * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) aa[p] += dw[p];
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t x = ox + p % g.ts, y = oy + p / g.ts;
+      if (x >= g.W || y >= g.H) continue;
+      T* o = dout + ((i * g.H + y) * g.W + x) * Q;
+      for (int64_t q = 0; q < Q; ++q) o[q] = acc[q * P + p];
+    }
+  });
+}
+
+// ------------------------------------------------------------------------ Gram (diag JᵀJ)
+
+// For residuals r_ch = rw_ch·colour_ch - rb_ch·alpha (+ const) per pixel (rw = √weight,
+// rb = √weight·background), the per-pair Gram matrix Σ_pixels Σ_ch u uᵀ of the feature
+// gradients u = ∂r_ch/∂feats. u = e_ch·(∂α/∂geo) + rw_ch·w·(unit vector of colour ch), so
+// only 21 geometry-geometry entries, 6·D geometry-colour entries and D colour-colour
+// entries are accumulated (depth does not enter the residuals). Stored compactly per pair
+// and expanded to full [F, F] per Gaussian after the reduction.
+template <typename T, int kP>
+void gram_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr, const int64_t* pair_gauss,
+               const T* alpha, const T* trans, const T* rw, const T* rb, const Grid& g, int64_t R, T* gram_pair) {
+  const int64_t P = kP > 0 ? kP : g.P;
+  const T amax = T(kAlphaMax);
+  for_each_dynamic(g.I * g.n_tiles, [&](int64_t t) {
+    const int64_t m0 = tile_ptr[t], m1 = tile_ptr[t + 1];
+    if (m0 == m1) return;
+    int64_t i, ox, oy;
+    g.origin(t, i, ox, oy);
+    thread_local std::vector<T> buf;
+    // px, py, suffix alpha, suffix colours[D], rw[D], rb[D], geo[6], e[D], cw[D], se2, w
+    buf.assign((5 + 5 * D + 6) * P, T(0));
+    T *px = buf.data(), *py = px + P, *sa = py + P, *sc = sa + P, *rwt = sc + D * P, *rbt = rwt + D * P;
+    T *geo = rbt + D * P, *e = geo + 6 * P, *cw = e + D * P, *se2 = cw + D * P, *w = se2 + P;
+    for (int64_t p = 0; p < P; ++p) {
+      px[p] = T(ox + p % g.ts) + T(0.5);
+      py[p] = T(oy + p / g.ts) + T(0.5);
+    }
+    load_tile(rw, D, g, i, ox, oy, rwt);
+    load_tile(rb, D, g, i, ox, oy, rbt);
+    for (int64_t m = m1 - 1; m >= m0; --m) {
+      const T* f = feats + pair_gauss[m] * F;
+      const T mx = f[0], my = f[1], a = f[2], b = f[3], c = f[4];
+      const T* al_m = alpha + m * P;
+      const T* tr_m = trans + m * P;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) {
+        const T al = al_m[p], tr = tr_m[p];
+        const T dfac = al < amax ? al : T(0);
+        const T dx = px[p] - mx, dy = py[p] - my;
+        // ∂α/∂(mx, my, a, b, c, log o) = -dfac·∂σ'/∂(...)
+        geo[0 * P + p] = dfac * (a * dx + b * dy);
+        geo[1 * P + p] = dfac * (c * dy + b * dx);
+        geo[2 * P + p] = -dfac * T(0.5) * dx * dx;
+        geo[3 * P + p] = -dfac * dx * dy;
+        geo[4 * P + p] = -dfac * T(0.5) * dy * dy;
+        geo[5 * P + p] = dfac;
+        w[p] = al * tr;
+        se2[p] = T(0);
+      }
+      for (int64_t q = 0; q < D; ++q) {
+        const T v = f[6 + q];
+        T *eq = e + q * P, *cq = cw + q * P, *sq = sc + q * P;
+        const T *rwq = rwt + q * P, *rbq = rbt + q * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) {
+          const T inv = T(1) / (T(1) - al_m[p]);
+          const T d_colour = tr_m[p] * v - sq[p] * inv;  // ∂colour_q/∂α
+          const T d_alpha = tr_m[p] - sa[p] * inv;       // ∂alpha/∂α
+          eq[p] = rwq[p] * d_colour - rbq[p] * d_alpha;
+          cq[p] = rwq[p] * w[p];
+          se2[p] += eq[p] * eq[p];
+        }
+      }
+      T* out = gram_pair + m * R;
+      int64_t k = 0;
+      for (int64_t u = 0; u < 6; ++u)
+        for (int64_t v = u; v < 6; ++v) {
+          const T *gu = geo + u * P, *gv = geo + v * P;
+          T s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t p = 0; p < P; ++p) s += se2[p] * gu[p] * gv[p];
+          out[k++] = s;
+        }
+      for (int64_t q = 0; q < D; ++q)
+        for (int64_t u = 0; u < 6; ++u) {
+          const T *gu = geo + u * P, *eq = e + q * P, *cq = cw + q * P;
+          T s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t p = 0; p < P; ++p) s += eq[p] * cq[p] * gu[p];
+          out[k++] = s;
+        }
+      for (int64_t q = 0; q < D; ++q) {
+        const T* cq = cw + q * P;
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t p = 0; p < P; ++p) s += cq[p] * cq[p];
+        out[k++] = s;
+      }
+      // suffix sums for the pairs in front of this one
+      for (int64_t q = 0; q < D; ++q) {
+        const T v = f[6 + q];
+        T* sq = sc + q * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) sq[p] += w[p] * v;
+      }
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) sa[p] += w[p];
+    }
+  });
+}
+
+template <typename T>
+void expand_gram(const T* compact, int64_t R, int64_t num, int64_t D, int64_t F, T* full) {
+  at::parallel_for(0, num, 1024, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* s = compact + n * R;
+      T* o = full + n * F * F;
+      std::fill(o, o + F * F, T(0));
+      int64_t k = 0;
+      for (int64_t u = 0; u < 6; ++u)
+        for (int64_t v = u; v < 6; ++v, ++k) o[u * F + v] = o[v * F + u] = s[k];
+      for (int64_t q = 0; q < D; ++q)
+        for (int64_t u = 0; u < 6; ++u, ++k) o[u * F + 6 + q] = o[(6 + q) * F + u] = s[k];
+      for (int64_t q = 0; q < D; ++q, ++k) o[(6 + q) * F + 6 + q] = s[k];
+    }
+  });
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------ bindings
+
+// The 4×4 tiles (the default) get a compile-time pixel count: a fixed trip count of 16 is
+// one AVX-512 register of floats, where a runtime count left GCC's scalar epilogue doing
+// most of the work (measured: 3-4× slower).
+#define DISPATCH_TILE(P, ...)   \
+  if ((P) == 16) {              \
+    constexpr int kP = 16;      \
+    __VA_ARGS__;                \
+  } else {                      \
+    constexpr int kP = 0;       \
+    __VA_ARGS__;                \
+  }
+
+std::vector<torch::Tensor> bin_tiles(torch::Tensor means2d, torch::Tensor radii, torch::Tensor conics,
+                                     torch::Tensor log_opacity, torch::Tensor depths, torch::Tensor valid,
+                                     int64_t I, int64_t N, int64_t width, int64_t height, int64_t tile_size) {
+  for (auto* t : {&means2d, &radii, &conics, &log_opacity, &depths, &valid}) check_cpu_contiguous(*t, "bin input");
+  TORCH_CHECK(radii.scalar_type() == torch::kInt32, "radii must be int32");
+  TORCH_CHECK(valid.scalar_type() == torch::kBool, "valid must be bool");
+  const Grid g(I, height, width, tile_size);
+  std::vector<std::vector<int64_t>> per_image(I);
+  AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "bin_tiles", [&] {
+    bin_impl<scalar_t>(means2d.data_ptr<scalar_t>(), radii.data_ptr<int32_t>(), conics.data_ptr<scalar_t>(),
+                       log_opacity.data_ptr<scalar_t>(), depths.data_ptr<scalar_t>(), valid.data_ptr<bool>(), g, N,
+                       per_image);
+  });
+  int64_t M = 0;
+  for (auto& v : per_image) M += static_cast<int64_t>(v.size()) - (g.n_tiles + 1);
+  auto opts = torch::TensorOptions().dtype(torch::kInt64);
+  auto tile_ptr = torch::empty({I * g.n_tiles + 1}, opts);
+  auto pair_gauss = torch::empty({M}, opts);
+  int64_t* tp = tile_ptr.data_ptr<int64_t>();
+  int64_t* pg = pair_gauss.data_ptr<int64_t>();
+  int64_t base = 0;
+  for (int64_t i = 0; i < I; ++i) {
+    const auto& v = per_image[i];
+    for (int64_t t = 0; t < g.n_tiles; ++t) tp[i * g.n_tiles + t] = base + v[t];
+    const int64_t count = v[g.n_tiles];
+    std::copy(v.begin() + g.n_tiles + 1, v.end(), pg + base);
+    base += count;
+  }
+  tp[I * g.n_tiles] = base;
+  return {tile_ptr, pair_gauss};
+}
+
+std::vector<torch::Tensor> group_by_gaussian(torch::Tensor pair_gauss, int64_t num) {
+  check_cpu_contiguous(pair_gauss, "pair_gauss");
+  const int64_t M = pair_gauss.numel();
+  const int64_t* pg = pair_gauss.data_ptr<int64_t>();
+  auto opts = torch::TensorOptions().dtype(torch::kInt64);
+  auto ptr = torch::zeros({num + 1}, opts);
+  auto pairs = torch::empty({M}, opts);
+  int64_t* pp = ptr.data_ptr<int64_t>();
+  int64_t* pr = pairs.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) ++pp[pg[m] + 1];
+  for (int64_t n = 0; n < num; ++n) pp[n + 1] += pp[n];
+  std::vector<int64_t> fill(pp, pp + num);
+  for (int64_t m = 0; m < M; ++m) pr[fill[pg[m]]++] = m;
+  return {ptr, pairs};
+}
+
+std::vector<torch::Tensor> forward(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tensor pair_gauss,
+                                   c10::optional<torch::Tensor> active, int64_t I, int64_t height, int64_t width,
+                                   int64_t tile_size, int64_t D) {
+  check_cpu_contiguous(feats, "feats");
+  check_cpu_contiguous(tile_ptr, "tile_ptr");
+  check_cpu_contiguous(pair_gauss, "pair_gauss");
+  const Grid g(I, height, width, tile_size);
+  TORCH_CHECK(tile_ptr.numel() == I * g.n_tiles + 1, "tile_ptr has ", tile_ptr.numel(), " entries, expected ",
+              I * g.n_tiles + 1);
+  const int64_t M = pair_gauss.numel(), F = feats.size(1);
+  TORCH_CHECK(F == 7 + D, "feats has ", F, " columns, expected 7 + D = ", 7 + D);
+  auto out = torch::zeros({I, height, width, D + 2}, feats.options());
+  auto alpha = torch::empty({M, g.P}, feats.options());
+  auto trans = torch::empty({M, g.P}, feats.options());
+  torch::Tensor act_out;
+  const uint8_t* act_in = nullptr;
+  if (active.has_value()) {
+    check_cpu_contiguous(*active, "active");
+    TORCH_CHECK(active->scalar_type() == torch::kUInt8 && active->numel() == M * g.P, "active must be uint8 [M, P]");
+    act_in = active->data_ptr<uint8_t>();
+    act_out = *active;
+  } else {
+    act_out = torch::empty({M, g.P}, feats.options().dtype(torch::kUInt8));
+  }
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "rasterize_forward", [&] {
+    DISPATCH_TILE(g.P, forward_impl<scalar_t, kP>(feats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(),
+                           pair_gauss.data_ptr<int64_t>(), act_in, g, out.data_ptr<scalar_t>(),
+                           alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(),
+                           act_in ? nullptr : act_out.data_ptr<uint8_t>()));
+  });
+  return {out, alpha, trans, act_out};
+}
+
+torch::Tensor backward(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tensor pair_gauss, torch::Tensor gauss_ptr,
+                       torch::Tensor gauss_pairs, torch::Tensor alpha, torch::Tensor trans, torch::Tensor grad_out,
+                       int64_t tile_size) {
+  for (auto* t : {&feats, &tile_ptr, &pair_gauss, &gauss_ptr, &gauss_pairs, &alpha, &trans, &grad_out})
+    check_cpu_contiguous(*t, "backward input");
+  const int64_t I = grad_out.size(0), H = grad_out.size(1), W = grad_out.size(2), D = grad_out.size(3) - 2;
+  const Grid g(I, H, W, tile_size);
+  const int64_t M = pair_gauss.numel(), F = feats.size(1), num = feats.size(0);
+  auto grad_pair = torch::empty({M, F}, feats.options());
+  auto grad = torch::empty({num, F}, feats.options());
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "rasterize_backward", [&] {
+    DISPATCH_TILE(g.P, backward_impl<scalar_t, kP>(feats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(),
+                            pair_gauss.data_ptr<int64_t>(), alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(),
+                            grad_out.data_ptr<scalar_t>(), g, grad_pair.data_ptr<scalar_t>()));
+    reduce_by_gaussian<scalar_t>(grad_pair.data_ptr<scalar_t>(), F, gauss_ptr.data_ptr<int64_t>(),
+                                 gauss_pairs.data_ptr<int64_t>(), num, grad.data_ptr<scalar_t>());
+  });
+  return grad;
+}
+
+torch::Tensor jvp(torch::Tensor feats, torch::Tensor dfeats, torch::Tensor tile_ptr, torch::Tensor pair_gauss,
+                  torch::Tensor alpha, torch::Tensor trans, int64_t I, int64_t height, int64_t width,
+                  int64_t tile_size) {
+  for (auto* t : {&feats, &dfeats, &tile_ptr, &pair_gauss, &alpha, &trans}) check_cpu_contiguous(*t, "jvp input");
+  TORCH_CHECK(dfeats.sizes() == feats.sizes(), "dfeats must have the shape of feats");
+  const Grid g(I, height, width, tile_size);
+  const int64_t F = feats.size(1), D = F - 7;
+  auto dout = torch::zeros({I, height, width, D + 2}, feats.options());
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "rasterize_jvp", [&] {
+    DISPATCH_TILE(g.P, jvp_impl<scalar_t, kP>(feats.data_ptr<scalar_t>(), dfeats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(),
+                       pair_gauss.data_ptr<int64_t>(), alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(), g,
+                       dout.data_ptr<scalar_t>()));
+  });
+  return dout;
+}
+
+torch::Tensor gram(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tensor pair_gauss, torch::Tensor gauss_ptr,
+                   torch::Tensor gauss_pairs, torch::Tensor alpha, torch::Tensor trans, torch::Tensor rw,
+                   torch::Tensor rb, int64_t tile_size) {
+  for (auto* t : {&feats, &tile_ptr, &pair_gauss, &gauss_ptr, &gauss_pairs, &alpha, &trans, &rw, &rb})
+    check_cpu_contiguous(*t, "gram input");
+  const int64_t I = rw.size(0), H = rw.size(1), W = rw.size(2), D = rw.size(3);
+  const Grid g(I, H, W, tile_size);
+  const int64_t M = pair_gauss.numel(), F = feats.size(1), num = feats.size(0);
+  TORCH_CHECK(F == 7 + D, "feats has ", F, " columns, expected 7 + D = ", 7 + D);
+  const int64_t R = 21 + 7 * D;
+  auto per_pair = torch::empty({M, R}, feats.options());
+  auto compact = torch::empty({num, R}, feats.options());
+  auto full = torch::empty({num, F, F}, feats.options());
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "rasterize_gram", [&] {
+    DISPATCH_TILE(g.P, gram_impl<scalar_t, kP>(feats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(), pair_gauss.data_ptr<int64_t>(),
+                        alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(), rw.data_ptr<scalar_t>(),
+                        rb.data_ptr<scalar_t>(), g, R, per_pair.data_ptr<scalar_t>()));
+    reduce_by_gaussian<scalar_t>(per_pair.data_ptr<scalar_t>(), R, gauss_ptr.data_ptr<int64_t>(),
+                                 gauss_pairs.data_ptr<int64_t>(), num, compact.data_ptr<scalar_t>());
+    expand_gram<scalar_t>(compact.data_ptr<scalar_t>(), R, num, D, F, full.data_ptr<scalar_t>());
+  });
+  return full;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "difftto's compiled CPU kernels of the tile rasterizer and its Gauss-Newton products";
+  m.def("bin_tiles", &bin_tiles, "(tile, Gaussian) pairs front to back as a CSR by tile");
+  m.def("group_by_gaussian", &group_by_gaussian, "CSR of the pairs by Gaussian");
+  m.def("forward", &forward, "render + per-(pair, pixel) alpha/transmittance cache");
+  m.def("backward", &backward, "gradient of the per-pixel sums w.r.t. the features (Jᵀ·w)");
+  m.def("jvp", &jvp, "tangent of the per-pixel sums for feature tangents (J·v)");
+  m.def("gram", &gram, "per-Gaussian Gram matrices of the residual feature gradients");
+}
