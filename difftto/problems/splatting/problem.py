@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import Data, Problem
+from ..base import Data, Linearization, Problem
 from ..registry import register
 from .gaussians import Gaussians
 from .rasterize import DEFAULT_TILE_SIZE, RasterState, RenderOutput, rasterize
@@ -64,7 +64,8 @@ class GaussianSplattingProblem(Problem):
 
     Args:
         backend: rasterizer backend for :meth:`residuals`; ``"torch"`` (default) is the
-            one with forward mode, which Gauss-Newton products need.
+            pure-PyTorch reference; ``"cpu_kernels"`` (or ``"auto"`` on CPU) also makes
+            :meth:`linearize` return the compiled Gauss-Newton products.
         sh_degree, near_plane, far_plane, eps2d, tile_size: passed to :func:`rasterize`.
     """
 
@@ -168,7 +169,27 @@ class GaussianSplattingProblem(Problem):
         if state is None:
             raise RuntimeError(
                 f"GaussianSplattingProblem(backend={self.backend!r}) cannot freeze: only the "
-                "torch backend has a raster state"
+                "torch and cpu_kernels backends have a raster state"
             )
         frozen[STATE_KEY] = state
         return frozen
+
+    def linearize(self, theta: Mapping[str, Tensor], data: Data) -> Linearization | None:
+        """The compiled Gauss-Newton products (:class:`.kernel_linearization.KernelLinearization`:
+        ``J·v``, ``Jᵀ·w`` and the exact ``diag(JᵀJ)`` from one per-pixel cache) when the
+        backend is ``"cpu_kernels"``, or ``"auto"`` with float32/float64 CPU tensors and the
+        kernels available; ``None`` (autograd products) otherwise."""
+        if self.backend not in ("cpu_kernels", "auto"):
+            return None
+        means = theta["means"] if isinstance(theta, Mapping) and "means" in theta else None
+        if means is None or means.device.type != "cpu" or means.dtype not in (torch.float32, torch.float64):
+            return None
+        from .cpu_kernels import cpu_kernels_available
+
+        if not cpu_kernels_available()[0]:
+            return None  # residuals() falls back to torch with a warning
+        from .kernel_linearization import KernelLinearization
+
+        if data is None or STATE_KEY not in data:
+            data = self.freeze(theta, data)
+        return KernelLinearization(self, theta, data)

@@ -433,6 +433,10 @@ void jvp_impl(const T* feats, const T* dfeats, int64_t F, int64_t D, const int64
       const T dmx = df[0], dmy = df[1], da = df[2], db = df[3], dc = df[4], dlo = df[5];
       const T* al_m = alpha + m * P;
       const T* tr_m = trans + m * P;
+      T alive = 0;
+#pragma omp simd reduction(+ : alive)
+      for (int64_t p = 0; p < P; ++p) alive += al_m[p];
+      if (alive == T(0)) continue;  // inactive everywhere: contributes exactly nothing
 #pragma omp simd
       for (int64_t p = 0; p < P; ++p) {
         const T al = al_m[p], tr = tr_m[p];
@@ -739,6 +743,104 @@ torch::Tensor gram(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tensor pa
   return full;
 }
 
+// ------------------------------------------------------------------------ projection Jacobian
+//
+// The per-(image, Gaussian) Jacobian jac [B, C, N, F, p] of the features w.r.t. the p
+// parameters of the Gaussian (computed once per linearization point in torch) maps
+// parameter vectors to feature vectors. These are the three contractions a Gauss-Newton
+// product needs; tiny per-Gaussian matrices, where torch's batched matmul was slower than
+// the rasterizer kernels themselves.
+
+torch::Tensor project_tangent(torch::Tensor jac, torch::Tensor v) {
+  check_cpu_contiguous(jac, "jac");
+  check_cpu_contiguous(v, "v");
+  const int64_t B = jac.size(0), C = jac.size(1), N = jac.size(2), F = jac.size(3), Pn = jac.size(4);
+  auto out = torch::empty({B, C, N, F}, jac.options());
+  AT_DISPATCH_FLOATING_TYPES(jac.scalar_type(), "project_tangent", [&] {
+    const scalar_t* J = jac.data_ptr<scalar_t>();
+    const scalar_t* x = v.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C * N, 256, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t b = e / (C * N), n = e % N;
+        const scalar_t* xv = x + (b * N + n) * Pn;
+        const scalar_t* Je = J + e * F * Pn;
+        for (int64_t f = 0; f < F; ++f) {
+          scalar_t acc = 0;
+          for (int64_t k = 0; k < Pn; ++k) acc += Je[f * Pn + k] * xv[k];
+          o[e * F + f] = acc;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+torch::Tensor project_cotangent(torch::Tensor jac, torch::Tensor g) {
+  check_cpu_contiguous(jac, "jac");
+  check_cpu_contiguous(g, "g");
+  const int64_t B = jac.size(0), C = jac.size(1), N = jac.size(2), F = jac.size(3), Pn = jac.size(4);
+  auto out = torch::empty({B, N, Pn}, jac.options());
+  AT_DISPATCH_FLOATING_TYPES(jac.scalar_type(), "project_cotangent", [&] {
+    const scalar_t* J = jac.data_ptr<scalar_t>();
+    const scalar_t* gf = g.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * N, 256, [&](int64_t e0, int64_t e1) {
+      for (int64_t bn = e0; bn < e1; ++bn) {
+        const int64_t b = bn / N, n = bn % N;
+        scalar_t* ov = o + bn * Pn;
+        for (int64_t k = 0; k < Pn; ++k) ov[k] = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t e = (b * C + c) * N + n;
+          const scalar_t* Je = J + e * F * Pn;
+          for (int64_t f = 0; f < F; ++f) {
+            const scalar_t gv = gf[e * F + f];
+            for (int64_t k = 0; k < Pn; ++k) ov[k] += Je[f * Pn + k] * gv;
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// diag(Jgᵀ G Jg) summed over cameras: the parameter-space Gauss-Newton diagonal from the
+// per-(image, Gaussian) feature-space Gram matrices G [B, C, N, F, F].
+torch::Tensor gram_diagonal(torch::Tensor jac, torch::Tensor gram) {
+  check_cpu_contiguous(jac, "jac");
+  check_cpu_contiguous(gram, "gram");
+  const int64_t B = jac.size(0), C = jac.size(1), N = jac.size(2), F = jac.size(3), Pn = jac.size(4);
+  auto out = torch::empty({B, N, Pn}, jac.options());
+  AT_DISPATCH_FLOATING_TYPES(jac.scalar_type(), "gram_diagonal", [&] {
+    const scalar_t* J = jac.data_ptr<scalar_t>();
+    const scalar_t* G = gram.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * N, 64, [&](int64_t e0, int64_t e1) {
+      std::vector<scalar_t> gj(F * Pn);
+      for (int64_t bn = e0; bn < e1; ++bn) {
+        const int64_t b = bn / N, n = bn % N;
+        scalar_t* ov = o + bn * Pn;
+        for (int64_t k = 0; k < Pn; ++k) ov[k] = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t e = (b * C + c) * N + n;
+          const scalar_t* Je = J + e * F * Pn;
+          const scalar_t* Ge = G + e * F * F;
+          std::fill(gj.begin(), gj.end(), scalar_t(0));
+          for (int64_t f = 0; f < F; ++f)
+            for (int64_t h = 0; h < F; ++h) {
+              const scalar_t gfh = Ge[f * F + h];
+              if (gfh == scalar_t(0)) continue;
+              for (int64_t k = 0; k < Pn; ++k) gj[f * Pn + k] += gfh * Je[h * Pn + k];
+            }
+          for (int64_t f = 0; f < F; ++f)
+            for (int64_t k = 0; k < Pn; ++k) ov[k] += Je[f * Pn + k] * gj[f * Pn + k];
+        }
+      }
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "difftto's compiled CPU kernels of the tile rasterizer and its Gauss-Newton products";
   m.def("bin_tiles", &bin_tiles, "(tile, Gaussian) pairs front to back as a CSR by tile");
@@ -747,4 +849,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "gradient of the per-pixel sums w.r.t. the features (Jᵀ·w)");
   m.def("jvp", &jvp, "tangent of the per-pixel sums for feature tangents (J·v)");
   m.def("gram", &gram, "per-Gaussian Gram matrices of the residual feature gradients");
+  m.def("project_tangent", &project_tangent, "jac [B,C,N,F,p] · v [B,N,p] -> [B,C,N,F]");
+  m.def("project_cotangent", &project_cotangent, "Σ_c jacᵀ · g [B,C,N,F] -> [B,N,p]");
+  m.def("gram_diagonal", &gram_diagonal, "Σ_c diag(jacᵀ G jac) -> [B,N,p]");
 }

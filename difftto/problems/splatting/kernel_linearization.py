@@ -1,0 +1,172 @@
+"""Gauss-Newton products of the 3DGS problem from the compiled CPU kernels.
+
+:class:`KernelLinearization` is what :meth:`GaussianSplattingProblem.linearize` returns
+when the problem runs on the ``"cpu_kernels"`` backend. It follows 3DGS-LM's PCG
+kernels, adapted to a CPU:
+
+- once per linearization point: the frozen render's cache (``α`` and ``T`` per (pair,
+  pixel)), and the Jacobian ``∂feats/∂θ`` of every Gaussian's projected features
+  (mean2d, conic, log-opacity, colours, depth) w.r.t. its own parameters, one small
+  ``[F, p]`` matrix per (image, Gaussian), from ``torch.func`` forward mode on the cheap
+  per-Gaussian projection (and ``[F, 6]`` per camera for ``pose_deltas``);
+- ``J·v``: contract ``v`` to feature tangents, then one front-to-back pass by pixel;
+- ``Jᵀ·w``: one back-to-front pass by pixel writing one gradient row per (tile,
+  Gaussian) pair, a segmented reduction by Gaussian (atomics-free, deterministic), then
+  the transposed contraction;
+- ``diag(JᵀJ)`` exactly: per pair, the Gram matrix ``Σ_pixels Σ_ch u uᵀ`` of the
+  residual's feature gradients ``u`` (the same cache), reduced by Gaussian and contracted
+  with the projection Jacobian: ``Σ_c diag(J_cᵀ G_c J_c)``. For ``pose_deltas`` (shared
+  by all Gaussians of a camera) the diagonal takes 6 extra ``J·v`` passes.
+
+The residuals are the problem's: ``r = √w · (colour + (1 − alpha)·background − image)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..base import Data, Linearization
+from .cpu_kernels import load_extension, splat_features, structure_from_state
+from .gaussians import Gaussians
+
+__all__ = ["KernelLinearization"]
+
+POSE_KEY = "pose_deltas"
+
+
+class KernelLinearization(Linearization):
+    """``J``, ``Jᵀ`` and ``diag(JᵀJ)`` of :class:`GaussianSplattingProblem`'s residuals at
+    ``theta`` (``data`` frozen: it must hold the raster state), from the CPU kernels.
+
+    Tangents and cotangents use ``theta``'s structure; residual vectors are ``[B, m]``
+    with ``m = C·H·W·D`` in the order of :meth:`GaussianSplattingProblem.residuals`.
+    """
+
+    def __init__(self, problem, theta: Mapping[str, Tensor], data: Data) -> None:
+        from .problem import STATE_KEY, apply_pose_deltas
+
+        viewmats, Ks, images = problem._check_data(theta, data)
+        state = data.get(STATE_KEY)
+        if state is None:
+            raise ValueError(f"KernelLinearization needs frozen data (data[{STATE_KEY!r}]); call "
+                             "problem.freeze(theta, data) first")
+        self._ext = load_extension()
+        theta = {k: v.detach() for k, v in theta.items()}
+        B, C, H, W, D = images.shape
+        N = theta["means"].shape[1]
+        self._dims = (B, C, N, H, W, D)
+        self._keys = [k for k in theta if k != POSE_KEY]
+        self._shapes = {k: theta[k].shape for k in theta}
+        self._sizes = [theta[k].reshape(B, N, -1).shape[-1] for k in self._keys]
+        self._has_pose = POSE_KEY in theta
+        vm, ks = viewmats.detach(), Ks.detach()
+        opts = dict(sh_degree=problem.sh_degree, near_plane=problem.near_plane,
+                    far_plane=problem.far_plane, eps2d=problem.eps2d)
+
+        def features(x: Tensor, pose: Tensor | None) -> Tensor:
+            cams = vm if pose is None else apply_pose_deltas(vm, pose)
+            return splat_features(Gaussians.from_params(self._split(x)), cams, ks, W, H, **opts)[0]
+
+        x = torch.cat([theta[k].reshape(B, N, -1) for k in self._keys], dim=-1)
+        pose = theta.get(POSE_KEY)
+        with torch.no_grad():
+            feats = features(x, pose)
+            p = x.shape[-1]
+            basis = torch.eye(p, dtype=x.dtype).view(p, 1, 1, p).expand(p, B, N, p)
+            jac = _columns(lambda t: torch.func.jvp(lambda y: features(y, pose), (x,), (t,))[1], basis)
+            self._jac = jac.permute(1, 2, 3, 4, 0).contiguous()  # [B, C, N, F, p]
+            self._jac_pose = None
+            if pose is not None:
+                pbasis = torch.eye(6, dtype=x.dtype).view(6, 1, 1, 6).expand(6, B, C, 6)
+                jac_pose = _columns(lambda t: torch.func.jvp(lambda q: features(x, q), (pose,), (t,))[1],
+                                    pbasis)
+                self._jac_pose = jac_pose.permute(1, 2, 3, 4, 0).contiguous()  # [B, C, N, F, 6]
+        self._feats = feats.reshape(B * C * N, -1).contiguous()
+        self._structure = structure_from_state(state)
+        I, _, _, ts = self._structure.grid
+        _, self._alpha, self._trans, _ = self._ext.forward(
+            self._feats, self._structure.tile_ptr, self._structure.pair_gauss, self._structure.active,
+            I, H, W, ts, D)
+        # r = rw·colour − rb·alpha + const, per pixel and channel.
+        dtype = x.dtype
+        weights = data.get("weights")
+        rw = torch.ones(B, C, H, W, D, dtype=dtype)
+        if weights is not None:
+            rw = torch.sqrt(torch.as_tensor(weights, dtype=dtype).clamp_min(0.0)).expand(B, C, H, W, D)
+        background = data.get("background")
+        rb = torch.zeros(B, C, H, W, D, dtype=dtype)
+        if background is not None:
+            bg = torch.as_tensor(background, dtype=dtype).expand(B, C, D)
+            rb = rw * bg[:, :, None, None, :]
+        self._rw, self._rb = rw.contiguous(), rb.contiguous()
+
+    # ------------------------------------------------------------------ helpers
+    def _split(self, x: Tensor) -> dict[str, Tensor]:
+        parts = torch.split(x, self._sizes, dim=-1)
+        return {k: part.reshape(x.shape[:-2] + self._shapes[k][1:]) for k, part in zip(self._keys, parts)}
+
+    def _pixel_tangent(self, dfeats: Tensor) -> Tensor:
+        """Feature tangents ``[I·N, F]`` → residual tangents ``[B, C, H, W, D]``."""
+        B, C, N, H, W, D = self._dims
+        I, _, _, ts = self._structure.grid
+        dout = self._ext.jvp(self._feats, dfeats.contiguous(), self._structure.tile_ptr,
+                             self._structure.pair_gauss, self._alpha, self._trans, I, H, W, ts)
+        dout = dout.view(B, C, H, W, D + 2)
+        return self._rw * dout[..., :D] - self._rb * dout[..., D + 1 :]
+
+    # ------------------------------------------------------------------ products
+    def jvp(self, tangent: Any) -> Tensor:
+        """``J · tangent`` → ``[B, C·H·W·D]``."""
+        B, C, N, H, W, D = self._dims
+        parts = [tangent[k].reshape(B, N, -1) if k in tangent else torch.zeros(B, N, s, dtype=self._feats.dtype)
+                 for k, s in zip(self._keys, self._sizes)]
+        v = torch.cat(parts, dim=-1).to(self._feats.dtype).contiguous()
+        dfeats = self._ext.project_tangent(self._jac, v)
+        if self._jac_pose is not None and tangent.get(POSE_KEY) is not None:
+            dfeats = dfeats + torch.einsum("bcnfj,bcj->bcnf", self._jac_pose, tangent[POSE_KEY])
+        return self._pixel_tangent(dfeats.reshape(B * C * N, -1)).reshape(B, -1)
+
+    def vjp(self, cotangent: Tensor) -> dict[str, Tensor]:
+        """``Jᵀ · cotangent`` (``[B, C·H·W·D]``) → ``theta``'s structure."""
+        B, C, N, H, W, D = self._dims
+        w = cotangent.reshape(B, C, H, W, D).to(self._feats.dtype)
+        grad_out = torch.cat([self._rw * w, torch.zeros(B, C, H, W, 1, dtype=w.dtype),
+                              -(self._rb * w).sum(dim=-1, keepdim=True)], dim=-1)
+        gauss_ptr, gauss_pairs = self._structure.by_gaussian()
+        gfeats = self._ext.backward(self._feats, self._structure.tile_ptr, self._structure.pair_gauss, gauss_ptr,
+                                    gauss_pairs, self._alpha, self._trans,
+                                    grad_out.reshape(B * C, H, W, D + 2).contiguous(), self._structure.signature[-1])
+        gfeats = gfeats.view(B, C, N, -1)
+        out = self._split(self._ext.project_cotangent(self._jac, gfeats))
+        if self._jac_pose is not None:
+            out[POSE_KEY] = torch.einsum("bcnfj,bcnf->bcj", self._jac_pose, gfeats)
+        return out
+
+    def gauss_newton_diagonal(self) -> dict[str, Tensor]:
+        """The exact ``diag(JᵀJ)`` in ``theta``'s structure."""
+        B, C, N, H, W, D = self._dims
+        gauss_ptr, gauss_pairs = self._structure.by_gaussian()
+        gram = self._ext.gram(self._feats, self._structure.tile_ptr, self._structure.pair_gauss, gauss_ptr,
+                              gauss_pairs, self._alpha, self._trans, self._rw.view(B * C, H, W, D),
+                              self._rb.view(B * C, H, W, D), self._structure.signature[-1])
+        out = self._split(self._ext.gram_diagonal(self._jac, gram.view(B, C, N, *gram.shape[1:])))
+        if self._jac_pose is not None:
+            cols = []
+            for j in range(6):
+                dr = self._pixel_tangent(self._jac_pose[..., j].reshape(B * C * N, -1))
+                cols.append(dr.pow(2).sum(dim=(2, 3, 4)))
+            out[POSE_KEY] = torch.stack(cols, dim=-1)
+        return out
+
+
+def _columns(fn, basis: Tensor) -> Tensor:
+    """``stack([fn(t) for t in basis])``, vectorized with ``torch.func.vmap`` when every
+    operation allows it."""
+    try:
+        return torch.func.vmap(fn)(basis)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return torch.stack([fn(t) for t in basis])
