@@ -1,18 +1,21 @@
 # Two entry points, each doing its own set-up in a local virtual environment:
-#   make demo   runs the main job
+#   make demo   runs the main job: the Diff3R example end to end
 #   make test   runs the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.difftto-installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo quickstart test lint bench clean-venv
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) examples/diff3r/demo.py
+
+quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
 test: $(STAMP)

@@ -1,8 +1,6 @@
 """Camera conventions of the Diff3R data: laws of the conversions (hypothesis) and
 agreement of the loaded cameras with the generator's own projection."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.diff3r.data import (  # noqa: E402
+from examples.diff3r.data import (
     build_scene,
     cameras_to_matrices,
     generate_dataset,
@@ -30,7 +24,7 @@ from examples.diff3r.data import (  # noqa: E402
     unproject_depth,
     zdepth_to_distance,
 )
-from examples.diff3r.data.scene import render_view, rotation_from_euler  # noqa: E402
+from examples.diff3r.data.scene import render_view, rotation_from_euler
 
 SEED, VIEWS, SIZE = 3, 6, 24
 

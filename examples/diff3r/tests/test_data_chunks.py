@@ -2,8 +2,6 @@
 malformed chunks, the dataset's samples and the bounded view sampler."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.diff3r.data import (  # noqa: E402
+from examples.diff3r.data import (
     BoundedViewSampler,
     ChunkFormatError,
     PinholeCamera,

@@ -2,18 +2,12 @@
 depth range, and the evaluation index."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.diff3r.data import (  # noqa: E402
+from examples.diff3r.data import (
     build_scene,
     generate_dataset,
     load_chunk,
@@ -25,7 +19,7 @@ from examples.diff3r.data import (  # noqa: E402
     scene_key,
     validate_evaluation_entry,
 )
-from examples.diff3r.data.textures import (  # noqa: E402
+from examples.diff3r.data.textures import (
     PROCEDURAL,
     TEST_PHOTOS,
     TRAIN_PHOTOS,

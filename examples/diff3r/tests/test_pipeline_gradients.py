@@ -2,21 +2,15 @@
 implicit gradient of a training step agrees with the unrolled one when the inner
 optimization converges."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import default_collate
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.diff3r.data import RE10KDataset  # noqa: E402
-from examples.diff3r.model import GROUPS, Diff3RModel  # noqa: E402
-from examples.diff3r.pipeline import build_layer, run_pipeline  # noqa: E402
-from examples.diff3r.testing import TINY_MODEL, TINY_SIZE, tiny_dataset  # noqa: E402
+from examples.diff3r.data import RE10KDataset
+from examples.diff3r.model import GROUPS, Diff3RModel
+from examples.diff3r.pipeline import build_layer, run_pipeline
+from examples.diff3r.testing import TINY_MODEL, TINY_SIZE, tiny_dataset
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 exposure corruption, figures, and an end-to-end evaluation of tiny checkpoints."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.diff3r.evaluate import corrupt_exposure, evaluate  # noqa: E402
-from examples.diff3r.figures import colorize, image_grid, line_plot  # noqa: E402
-from examples.diff3r.metrics import MAX_PSNR, load_lpips, psnr, ssim  # noqa: E402
-from examples.diff3r.testing import tiny_dataset, tiny_overrides  # noqa: E402
-from examples.diff3r.train import CHECKPOINT_NAME, train  # noqa: E402
+from examples.diff3r.evaluate import corrupt_exposure, evaluate
+from examples.diff3r.figures import colorize, image_grid, line_plot
+from examples.diff3r.metrics import MAX_PSNR, load_lpips, psnr, ssim
+from examples.diff3r.testing import tiny_dataset, tiny_overrides
+from examples.diff3r.train import CHECKPOINT_NAME, train
 
 
 def test_psnr_and_ssim_of_identical_images():
@@ -67,7 +62,7 @@ def test_figures_are_pngs(tmp_path):
 
 def test_evaluate_end_to_end_on_tiny_checkpoints(tmp_path_factory, tmp_path):
     root = tiny_dataset(tmp_path_factory.mktemp("tiny_eval") / "data")
-    conf = ROOT / "examples" / "diff3r" / "conf"
+    conf = Path(__file__).resolve().parents[1] / "conf"
     ckpts = {}
     for mode in ("zero_shot", "diff3r"):
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

@@ -1,20 +1,14 @@
 """The Diff3R encoder: output shapes, Λ > 0, pixel-aligned means on their rays,
 scales in the configured footprint range, and input validation."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import default_collate
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.diff3r.data import RE10KDataset  # noqa: E402
-from examples.diff3r.model import GROUPS, Diff3RModel, context_cameras  # noqa: E402
-from examples.diff3r.testing import TINY_MODEL, TINY_SIZE, tiny_dataset  # noqa: E402
+from examples.diff3r.data import RE10KDataset
+from examples.diff3r.model import GROUPS, Diff3RModel, context_cameras
+from examples.diff3r.testing import TINY_MODEL, TINY_SIZE, tiny_dataset
 
 
 @pytest.fixture(scope="module")

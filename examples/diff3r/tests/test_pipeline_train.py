@@ -4,19 +4,14 @@ run), atomic checkpoint writes, and the data cache."""
 
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[3]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.diff3r.testing import tiny_dataset, tiny_overrides  # noqa: E402
-from examples.diff3r.train import (  # noqa: E402
+from examples.diff3r.testing import tiny_dataset, tiny_overrides
+from examples.diff3r.train import (
     CHECKPOINT_NAME,
     batch_indices,
     load_checkpoint,
@@ -25,7 +20,7 @@ from examples.diff3r.train import (  # noqa: E402
     train,
 )
 
-CONF = ROOT / "examples" / "diff3r" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _cfg(overrides):
