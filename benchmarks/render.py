@@ -16,6 +16,8 @@ Fields per backend (milliseconds, minimum over ``--repeats``):
   does; kernels: :class:`KernelLinearization`);
 - ``gn_product``: ``Jᵀ(J·v)``, one PCG iteration's operator product;
 - ``diag``: the exact ``diag(JᵀJ)`` (kernels only; torch has only probe estimates).
+- ``peak_rss_mb``: the process's peak resident memory once the case has run (cases run
+  in increasing size, so it is the largest case's peak so far; both backends included).
 Ratios: ``speedup_*`` = torch / kernels; ``gn_over_fwd_bwd`` = the kernels' gn_product /
 their fwd_bwd (the issue's target: ≤ 2.5; and ≥ 5× speedup of fwd_bwd at 64² and 128²).
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 
 import torch
@@ -121,13 +124,14 @@ def run_case(size: int, dtype: torch.dtype, repeats: int) -> dict:
     for name in ("forward", "fwd_bwd", "jvp", "vjp", "gn_product"):
         result[f"speedup_{name}"] = round(t[name] / k[name], 2)
     result["gn_over_fwd_bwd"] = round(k["gn_product"] / k["fwd_bwd"], 2)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float64", "both"], default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
     args = parser.parse_args()
@@ -135,9 +139,10 @@ def main() -> None:
     ok, why = cpu_kernels_available()
     if not ok:
         raise SystemExit(f"benchmarks/render.py compares against the CPU kernels: {why}")
-    dtype = getattr(torch, args.dtype)
-    for size in args.sizes:
-        print(json.dumps(run_case(size, dtype, args.repeats)), flush=True)
+    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    for name in dtypes:
+        for size in args.sizes:
+            print(json.dumps(run_case(size, getattr(torch, name), args.repeats)), flush=True)
 
 
 if __name__ == "__main__":
