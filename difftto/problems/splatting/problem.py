@@ -63,16 +63,20 @@ class GaussianSplattingProblem(Problem):
     so that every product of one linear solve sees the same smooth function.
 
     Args:
-        backend: rasterizer backend for :meth:`residuals`; ``"torch"`` (default) is the
-            pure-PyTorch reference; ``"cpu_kernels"`` (or ``"auto"`` on CPU) also makes
-            :meth:`linearize` return the compiled Gauss-Newton products.
+        backend: rasterizer backend for :meth:`residuals`. ``"auto"`` (default): the
+            compiled CPU kernels for CPU tensors (falling back to torch with a warning when
+            they cannot be built), the pure-PyTorch rasterizer on other devices (gsplat's
+            CUDA kernels have no forward mode or double backward, which Gauss-Newton
+            products need). ``"torch"``: the pure-PyTorch reference; ``"cpu_kernels"``;
+            ``"gsplat"`` (first-order use only). With the kernels, :meth:`linearize`
+            returns the compiled Gauss-Newton products.
         sh_degree, near_plane, far_plane, eps2d, tile_size: passed to :func:`rasterize`.
     """
 
     def __init__(
         self,
         *,
-        backend: str = "torch",
+        backend: str = "auto",
         sh_degree: int | None = None,
         near_plane: float = 0.01,
         far_plane: float = 1e10,
@@ -135,11 +139,16 @@ class GaussianSplattingProblem(Problem):
             )
         return rasterize(
             gaussians, viewmats, Ks, W, H,
-            background=data.get("background"), backend=self.backend,
+            background=data.get("background"), backend=self._backend_for(gaussians.means),
             sh_degree=self.sh_degree, near_plane=self.near_plane, far_plane=self.far_plane,
             eps2d=self.eps2d, tile_size=self.tile_size, state=state,
             return_state=return_state,
         )
+
+    def _backend_for(self, means: Tensor) -> str:
+        if self.backend == "auto" and means.device.type != "cpu":
+            return "torch"
+        return self.backend
 
     def residuals(self, theta: Mapping[str, Tensor], data: Data) -> Tensor:
         """``√w · (render − images)`` flattened to ``[B, C·H·W·3]``."""

@@ -35,7 +35,7 @@ def test_registered_and_residual_shape():
 
 
 def test_weights_scale_residuals_by_their_square_root():
-    problem = GaussianSplattingProblem()
+    problem = GaussianSplattingProblem(backend="torch")
     theta, data = _setup()
     weights = torch.rand(1, 2, 10, 12, 1, dtype=F64)
     r = problem.residuals(theta, dict(data, weights=weights)).view(1, 2, 10, 12, 3)
@@ -45,7 +45,7 @@ def test_weights_scale_residuals_by_their_square_root():
 
 
 def test_freeze_adds_state_and_keeps_residuals():
-    problem = GaussianSplattingProblem()
+    problem = GaussianSplattingProblem(backend="torch")
     theta, data = _setup(B=2)
     frozen = problem.freeze(theta, data)
     assert STATE_KEY in frozen and STATE_KEY not in data
@@ -70,7 +70,7 @@ def _flat_products(problem, theta, data):
 @settings(max_examples=4)
 @given(seed=st.integers(0, 10_000))
 def test_jvp_of_residuals_matches_finite_differences_including_poses(seed):
-    problem = GaussianSplattingProblem()
+    problem = GaussianSplattingProblem(backend="torch")
     theta, data = _setup(seed=seed)
     theta["pose_deltas"] = torch.zeros(1, 2, 6, dtype=F64)
     layout, flat, residual, jvp, vjp = _flat_products(problem, theta, data)
@@ -85,7 +85,7 @@ def test_jvp_of_residuals_matches_finite_differences_including_poses(seed):
 
 
 def test_gauss_newton_operator_is_symmetric_psd_and_equals_explicit_jtj():
-    problem = GaussianSplattingProblem()
+    problem = GaussianSplattingProblem(backend="torch")
     theta, data = _setup(N=4, W=6, H=5)
     layout, flat, residual, jvp, vjp = _flat_products(problem, theta, data)
     op = GaussNewtonOperator(jvp, vjp, (1, layout.numel), F64)
@@ -98,7 +98,7 @@ def test_gauss_newton_operator_is_symmetric_psd_and_equals_explicit_jtj():
 
 def test_mixed_second_derivative_reaches_cameras():
     """∂/∂viewmats of uᵀ∇θD: what the implicit backward needs for pose gradients."""
-    problem = GaussianSplattingProblem()
+    problem = GaussianSplattingProblem(backend="torch")
     theta, data = _setup()
     V = data["viewmats"].clone().requires_grad_()
     params = {k: v.clone().requires_grad_() for k, v in theta.items()}
@@ -111,7 +111,7 @@ def test_mixed_second_derivative_reaches_cameras():
 
 
 def test_data_errors():
-    problem = GaussianSplattingProblem()
+    problem = GaussianSplattingProblem(backend="torch")
     theta, data = _setup()
     with pytest.raises(KeyError, match="missing"):
         problem.residuals(theta, {"viewmats": data["viewmats"]})
@@ -138,7 +138,7 @@ def test_test_time_optimization_recovers_known_scene():
 
     Steps are accepted on the gain ratio against the *unfrozen* render: a step that the
     frozen model over-predicts (a depth-order swap or a footprint change) is damped."""
-    problem = GaussianSplattingProblem()
+    problem = GaussianSplattingProblem(backend="torch")
     truth, V, K = random_scene(1, 12, 2, 12, 12, seed=11, scale_px=2.5)
     data = dict(viewmats=V, Ks=K, images=rasterize(truth, V, K, 12, 12).colors)
     gen = torch.Generator().manual_seed(0)
