@@ -15,5 +15,7 @@ from .inner import InnerInfo as InnerInfo
 from .inner import InnerOptimizer as InnerOptimizer
 from .layer import BackwardInfo as BackwardInfo
 from .layer import ImplicitLayer as ImplicitLayer
+from .layer import InnerDivergenceError as InnerDivergenceError
+from .layer import InnerDivergenceWarning as InnerDivergenceWarning
 from .layer import LayerInfo as LayerInfo
 from .regularizers import Proximal as Proximal

@@ -35,7 +35,8 @@ from .solvers.pcg import PCG
 from .solvers.result import FAILURE_POLICIES, LinearSolveResult, Status
 from .tree import Layout, Params
 
-__all__ = ["ImplicitLayer", "LayerInfo", "BackwardInfo", "BACKWARD_MODES", "HESSIANS"]
+__all__ = ["ImplicitLayer", "LayerInfo", "BackwardInfo", "BACKWARD_MODES", "HESSIANS",
+           "StationarityWarning", "InnerDivergenceWarning", "InnerDivergenceError"]
 
 BACKWARD_MODES = ("implicit", "unrolled", "truncated", "straight_through")
 HESSIANS = ("gauss_newton", "exact")
@@ -44,6 +45,15 @@ HESSIANS = ("gauss_newton", "exact")
 class StationarityWarning(RuntimeWarning):
     """The inner optimizer stopped far from a stationary point: the implicit gradient
     is biased."""
+
+
+class InnerDivergenceWarning(RuntimeWarning):
+    """The inner optimizer produced non-finite parameters (it diverged) for some batch
+    elements; their outputs are NaN/Inf."""
+
+
+class InnerDivergenceError(RuntimeError):
+    """As :class:`InnerDivergenceWarning`, raised instead under ``on_failure="raise"``."""
 
 
 @dataclass
@@ -188,8 +198,9 @@ class ImplicitLayer(nn.Module):
             raise TypeError(f"data must be a dict (or None), got {type(data).__name__}")
         data_keys = [k for k, v in (data or {}).items()
                      if isinstance(v, Tensor) and v.requires_grad]
-        for k in data_keys:
-            _check_finite(data[k].detach(), f"data[{k!r}]")
+        for k, v in (data or {}).items():
+            if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()):
+                _check_finite(v.detach(), f"data[{k!r}]")
 
         mode = self.backward_mode
         if mode == "implicit":
@@ -200,6 +211,7 @@ class ImplicitLayer(nn.Module):
         else:
             flat_star, inner_info = self._run_differentiable(layout, flat0, lam_flat, data, mode)
             info = LayerInfo(forward=inner_info, mode=mode)
+        self._check_divergence(flat_star)
         self._check_stationarity(info.forward)
         return layout.unflatten(flat_star), info
 
@@ -218,6 +230,21 @@ class ImplicitLayer(nn.Module):
         if mode == "unrolled":
             return self.inner.run(objective, start, create_graph=True)
         return self.inner.run(objective, start, graph_last=min(self.truncate, self.inner.steps))
+
+    def _check_divergence(self, flat_star: Tensor) -> None:
+        """Never hands back NaN/Inf silently: warns (raises under ``on_failure="raise"``)
+        naming the diverged batch elements. Inputs were checked finite, so a non-finite
+        θ* means the inner optimizer diverged."""
+        bad = ~torch.isfinite(flat_star.detach()).all(dim=1)
+        if not bool(bad.any()):
+            return
+        idx = bad.nonzero().flatten().tolist()
+        msg = (f"the inner optimizer {self.inner!r} diverged: theta_star is non-finite (NaN/Inf) for "
+               f"batch elements {idx} of {flat_star.shape[0]}; lower the inner lr, use damping, or "
+               "raise the proximal weights lam")
+        if self.on_failure == "raise":
+            raise InnerDivergenceError(msg)
+        warnings.warn(msg, InnerDivergenceWarning, stacklevel=3)
 
     def _check_stationarity(self, inner_info: InnerInfo) -> None:
         limit = self.stationarity_warning

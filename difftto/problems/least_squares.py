@@ -43,6 +43,11 @@ class LinearLeastSquares(Problem):
                 f"linear_least_squares: theta must be [B, n] matching data['A'] [B, m, n]; got "
                 f"theta {tuple(theta.shape)}, A {tuple(a.shape)}"
             )
+        if y.shape != a.shape[:2]:
+            raise ValueError(
+                f"linear_least_squares: data['y'] must be [B, m] = {tuple(a.shape[:2])} to match "
+                f"data['A'] {tuple(a.shape)}; got {tuple(y.shape)}"
+            )
         return torch.einsum("bmn,bn->bm", a, theta) - y
 
 
@@ -57,8 +62,16 @@ class ExponentialFit(Problem):
         _require(data, ("t", "y"), "exponential_fit")
         if theta.dim() != 2 or theta.shape[-1] != 3:
             raise ValueError(f"exponential_fit: theta must be [B, 3] (a, k, c), got {tuple(theta.shape)}")
+        t, y = torch.as_tensor(data["t"]), torch.as_tensor(data["y"])
+        try:
+            torch.broadcast_shapes((theta.shape[0], 1), t.shape, y.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"exponential_fit: data['t'] {tuple(t.shape)} and data['y'] {tuple(y.shape)} must "
+                f"broadcast to [B, m] with B = {theta.shape[0]}"
+            ) from None
         a, k, c = theta[:, 0:1], theta[:, 1:2], theta[:, 2:3]
-        return a * torch.exp(-k * data["t"]) + c - data["y"]
+        return a * torch.exp(-k * t) + c - y
 
 
 @register("rigid_2d")
