@@ -39,6 +39,7 @@ from torch.utils.data import default_collate  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import difftto  # noqa: E402
+from examples.diff3r import distributed  # noqa: E402
 from examples.diff3r.data import BoundedViewSampler, RE10KDataset, generate_dataset  # noqa: E402
 from examples.diff3r.metrics import load_lpips, lpips_distance, psnr  # noqa: E402
 from examples.diff3r.model import GROUPS, Diff3RModel  # noqa: E402
@@ -227,16 +228,23 @@ def train(cfg: DictConfig) -> dict:
         raise ValueError(f"mode.name: expected one of {MODES}, got {mode.name!r}")
     torch.set_num_threads(int(cfg.threads))
     device = torch.device(cfg.get("device", "cpu"))
+    dctx = distributed.setup(device)  # several processes under torchrun; one otherwise
+    if dctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dctx.rank)))
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    metrics_path = out_dir / "metrics.jsonl"
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-    root = prepare_data(cfg.data)
+    metrics_path = out_dir / "metrics.jsonl" if dctx.is_main else Path(os.devnull)
+    if dctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        root = prepare_data(cfg.data)  # rank 0 generates; the others wait for it
+    dctx.barrier()
+    if not dctx.is_main:
+        root = prepare_data(cfg.data)
     dataset = make_dataset(cfg, root, "train")
-    torch.manual_seed(int(cfg.seed))
-    model = build_model(cfg.model).to(device)
+    torch.manual_seed(int(cfg.seed))  # the same initial weights on every rank
+    core = build_model(cfg.model).to(device)
+    model = dctx.wrap(core, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg.lr))
     warmup = max(1, int(cfg.get("lr_warmup", 0)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -254,12 +262,12 @@ def train(cfg: DictConfig) -> dict:
     start_step = 0
     if cfg.resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
+        core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
         print(f"[train] resumed from {ckpt_path} at step {start_step}", flush=True)
-        if metrics_path.is_file():  # drop records logged after the checkpoint
+        if dctx.is_main and metrics_path.is_file():  # drop records logged after the checkpoint
             kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
     else:
@@ -267,14 +275,16 @@ def train(cfg: DictConfig) -> dict:
             print(f"[train] resume=true but {ckpt_path} does not exist: starting from step 0", flush=True)
         if cfg.get("init_from"):
             init = load_checkpoint(cfg.init_from)
-            model.load_state_dict(init["model"])
+            core.load_state_dict(init["model"])
             print(f"[train] model initialized from {cfg.init_from} (its step {init['step']})", flush=True)
-        if metrics_path.is_file():
+        if dctx.is_main and metrics_path.is_file():
             metrics_path.unlink()
 
     def checkpoint(step: int) -> None:
+        if not dctx.is_main:
+            return
         save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": core.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "step": step, "mode": mode.name,
             "config": OmegaConf.to_container(cfg, resolve=True),
         })
@@ -285,11 +295,13 @@ def train(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     model.train()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train[{mode.name}]",
-               disable=not cfg.get("progress", True), dynamic_ncols=True)
+               disable=not (cfg.get("progress", True) and dctx.is_main), dynamic_ncols=True)
     with open(metrics_path, "a") as log:
         for step in bar:
             t0 = time.perf_counter()
-            indices, epoch = batch_indices(len(dataset), int(cfg.batch_size), int(cfg.seed), step)
+            # One global batch of world × batch_size scenes; each rank takes its slice.
+            indices, epoch = batch_indices(len(dataset), int(cfg.batch_size) * dctx.world, int(cfg.seed), step)
+            indices = dctx.shard(indices)
             batch = fetch_batch(dataset, indices, epoch, device)
             out = run_pipeline(model, batch, layer, lam=lam)
             target = batch["target_images"]
@@ -317,7 +329,7 @@ def train(cfg: DictConfig) -> dict:
                 rec["pcg_failures_total"] = failures[0]
             last = rec
             bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['psnr']:.2f}")
-            if done % int(cfg.log_every) == 0 or done == steps or done == start_step + 1:
+            if dctx.is_main and (done % int(cfg.log_every) == 0 or done == steps or done == start_step + 1):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 extra = ""
@@ -333,9 +345,12 @@ def train(cfg: DictConfig) -> dict:
     if start_step >= steps and not ckpt_path.is_file():
         checkpoint(start_step)
     seconds = time.perf_counter() - started
+    checksum = float(sum(p.detach().double().sum() for p in core.parameters()))
+    distributed.cleanup(dctx)
     return {"out_dir": str(out_dir), "checkpoint": str(ckpt_path), "data_root": str(root),
             "steps": steps, "start_step": start_step, "last": last, "seconds": round(seconds, 1),
-            "pcg_failures": {"not_converged": failures[0], "solves": failures[1]}}
+            "pcg_failures": {"not_converged": failures[0], "solves": failures[1]},
+            "rank": dctx.rank, "world_size": dctx.world, "parameter_checksum": checksum}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
