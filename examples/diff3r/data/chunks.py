@@ -127,7 +127,8 @@ def validate_scene(scene: object, path: str | os.PathLike | None = None, index: 
     ts = scene["timestamps"]
     if not isinstance(ts, Tensor) or ts.shape != (num_views,):
         shape = list(ts.shape) if isinstance(ts, Tensor) else type(ts).__name__
-        raise ChunkFormatError(f"{where}: field 'timestamps' is {shape}, expected a tensor [{num_views}]")
+        raise ChunkFormatError(f"{where}: field 'timestamps' is {shape}, expected a tensor [{num_views}] "
+                               f"(one per row of 'cameras', which has {num_views} rows)")
     images = scene["images"]
     if not isinstance(images, (list, tuple)) or len(images) != num_views:
         got = len(images) if isinstance(images, (list, tuple)) else type(images).__name__
