@@ -196,7 +196,11 @@ class Adam(InnerOptimizer):
         t = state["t"] + active.to(theta.dtype)
         c1 = (1 - b1 ** t.clamp_min(1))[:, None]
         c2 = (1 - b2 ** t.clamp_min(1))[:, None]
-        update = state["lr"] * (m / c1) / ((v / c2).sqrt() + self.eps)
+        # sqrt clamped at the smallest normal number: where a gradient entry is exactly 0 (a
+        # parameter the data does not see), sqrt'(0) = inf would turn an unrolled backward into
+        # NaN; the clamp changes the denominator by ~1e-19, far below eps.
+        v_hat = (v / c2).clamp_min(torch.finfo(v.dtype).tiny)
+        update = state["lr"] * (m / c1) / (v_hat.sqrt() + self.eps)
         theta = theta - torch.where(a, update, 0.0)
         return theta, {"lr": state["lr"], "m": m, "v": v, "t": t}
 

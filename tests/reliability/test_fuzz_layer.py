@@ -194,3 +194,21 @@ def test_layer_mismatched_shapes_and_keys_name_the_argument(name, fault, seed):
     with pytest.raises((ValueError, TypeError)) as err:
         call()
     assert _names(str(err.value), *words), f"{fault}: {err.value}"
+
+
+@settings(max_examples=20)
+@given(seed=st.integers(0, 2**16), dead=st.integers(0, 3), steps=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_unrolled_adam_with_a_zero_gradient_entry_stays_finite(seed, dead, steps, dtype):
+    """A parameter the data does not see has gradient exactly 0 at the start; unrolled
+    Adam then differentiated sqrt(v) at v = 0 (sqrt'(0) = inf) and returned NaN gradients
+    (found by the Diff3R ``unrolled`` mode, whose first step wrote NaN into the weights)."""
+    gen = torch.Generator().manual_seed(seed)
+    data = _data("linear_least_squares", 2, 5, 4, gen, dtype)
+    data["A"][:, :, dead] = 0.0
+    theta0 = torch.randn(2, 4, generator=gen, dtype=dtype).requires_grad_()
+    layer = difftto.ImplicitLayer("linear_least_squares", inner=difftto.Adam(lr=1e-2, steps=steps),
+                                  backward="unrolled")
+    out, _ = layer(theta0, 1.0, data)
+    out.sum().backward()
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(theta0.grad).all()), theta0.grad
