@@ -58,6 +58,7 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODES = ("zero_shot", "diff3r", "unrolled", "no_uncertainty")
+NAN_POLICIES = ("stop", "skip")
 
 
 # ----------------------------------------------------------------------------- data
@@ -221,6 +222,15 @@ def _step_log(step, loss, out, batch, seconds, through_layer) -> dict:
     return rec
 
 
+def _non_finite(loss: float, grad_norm: float) -> str | None:
+    """What is non-finite in a step (``None``: nothing)."""
+    if not math.isfinite(loss):
+        return f"loss ({loss})"
+    if not math.isfinite(grad_norm):
+        return f"gradient (norm {grad_norm})"
+    return None
+
+
 def train(cfg: DictConfig) -> dict:
     """Train as ``cfg`` says; returns a summary (out_dir, checkpoint, last logged record, seconds)."""
     mode = cfg.mode
@@ -290,6 +300,10 @@ def train(cfg: DictConfig) -> dict:
         })
 
     steps = int(cfg.steps)
+    nan_policy = str(cfg.get("nan_policy", "stop"))
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy: expected one of {NAN_POLICIES}, got {nan_policy!r}")
+    skipped: list[dict] = []  # steps whose loss or gradient was non-finite (nan_policy=skip)
     last: dict = {}
     failures = [0, 0]  # backward solves that did not reach pcg_rtol, solves in all (this session)
     started = time.perf_counter()
@@ -316,12 +330,28 @@ def train(cfg: DictConfig) -> dict:
                 # Non-converged backward solves are counted per step (pcg_failures) and in total.
                 warnings.simplefilter("ignore", difftto.solvers.LinearSolveWarning)
                 loss.backward()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"step {step + 1}: loss is {loss.item()}; lower lr or check the data")
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.grad_clip)))
+            done = step + 1
+            problem = _non_finite(loss.item(), grad_norm)
+            if problem is not None:  # never written into the weights or Adam's moments
+                optimizer.zero_grad(set_to_none=True)
+                keys = list(batch["key"])
+                message = f"step {done}: non-finite {problem} on scene(s) {keys}"
+                if nan_policy == "stop":
+                    raise FloatingPointError(f"{message}; lower lr or check the data (nan_policy=skip skips "
+                                             "such batches)")
+                skipped.append({"step": done, "problem": problem, "keys": keys})
+                tqdm.write(f"[{mode.name}] {message}: batch skipped (nan_policy=skip)", file=sys.stderr)
+                rec = {"step": done, "skipped": True, "problem": problem, "keys": keys,
+                       "skipped_total": len(skipped), "seconds": round(time.perf_counter() - t0, 3)}
+                if dctx.is_main:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                if done % int(cfg.checkpoint_every) == 0 or done == steps:
+                    checkpoint(done)
+                continue
             optimizer.step()
             scheduler.step()
-            done = step + 1
             rec = _step_log(done, loss.item(), out, batch, time.perf_counter() - t0, layer is not None)
             if "pcg_failures" in rec:
                 failures[0] += rec["pcg_failures"]
@@ -349,7 +379,7 @@ def train(cfg: DictConfig) -> dict:
     distributed.cleanup(dctx)
     return {"out_dir": str(out_dir), "checkpoint": str(ckpt_path), "data_root": str(root),
             "steps": steps, "start_step": start_step, "last": last, "seconds": round(seconds, 1),
-            "pcg_failures": {"not_converged": failures[0], "solves": failures[1]},
+            "pcg_failures": {"not_converged": failures[0], "solves": failures[1]}, "skipped": skipped,
             "rank": dctx.rank, "world_size": dctx.world, "parameter_checksum": checksum}
 
 
