@@ -176,7 +176,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: {path} is not a file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or overwritten files raise many exception types
+        raise ValueError(
+            f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or "
+            "truncated (save_checkpoint writes atomically, so it was damaged afterwards): restore it "
+            "or delete it to start over"
+        ) from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path}: holds a {type(state).__name__}, expected a dict")
     for key in ("model", "step", "config"):
         if key not in state:
             raise ValueError(f"checkpoint {path}: missing {key!r}; not a Diff3R training checkpoint")
