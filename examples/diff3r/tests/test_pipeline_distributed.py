@@ -11,6 +11,21 @@ from examples.diff3r.testing import tiny_dataset, tiny_overrides
 REPO = Path(__file__).resolve().parents[3]
 
 
+def _json_objects(text):
+    """Every JSON object in ``text``: the two ranks' summary lines may share a line."""
+    decoder, found, i = json.JSONDecoder(), [], text.find("{")
+    while i != -1:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i = text.find("{", i + 1)
+            continue
+        if isinstance(obj, dict):
+            found.append(obj)
+        i = text.find("{", end)
+    return found
+
+
 def test_two_process_gloo_run_keeps_the_replicas_in_sync(tmp_path_factory, tmp_path):
     root = tiny_dataset(tmp_path_factory.mktemp("tiny_ddp") / "data")
     overrides = [o for o in tiny_overrides(root, tmp_path / "run", mode="diff3r") if not o.startswith("steps=")]
@@ -19,8 +34,7 @@ def test_two_process_gloo_run_keeps_the_replicas_in_sync(tmp_path_factory, tmp_p
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summaries = [json.loads(line) for line in proc.stdout.splitlines()
-                 if line.startswith("{") and "parameter_checksum" in line]
+    summaries = [s for s in _json_objects(proc.stdout) if "parameter_checksum" in s]
     assert sorted(s["rank"] for s in summaries) == [0, 1]
     assert all(s["world_size"] == 2 and s["steps"] == 2 for s in summaries)
     # DistributedDataParallel averaged the gradients: both replicas hold the same weights.
