@@ -25,14 +25,6 @@ def _backends():
     return ["torch", pytest.param("cpu_kernels", marks=pytest.mark.skipif(not ok, reason=reason))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 extreme = st.sampled_from([0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, 50.0, -50.0, 1e300, -1e300])
 
 

@@ -29,15 +29,6 @@ from examples.diff3r.data.scene import render_view, rotation_from_euler
 SEED, VIEWS, SIZE = 3, 6, 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny tensors: extra OpenMP threads only spin against other test processes.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("cams")

@@ -30,14 +30,6 @@ from examples.diff3r.data.textures import (
 SEED, N_TRAIN, N_TEST, VIEWS, SIZE = 7, 3, 3, 8, 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _generate(root, seed=SEED):
     return generate_dataset(root, N_TRAIN, N_TEST, VIEWS, SIZE, seed, scenes_per_chunk=2, supersample=1)
 

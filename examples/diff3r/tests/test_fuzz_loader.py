@@ -25,14 +25,6 @@ fuzz_settings = settings(max_examples=25, suppress_health_check=[HealthCheck.fun
                                                                  HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _scene(key="abc", seed=0, fmt="PNG"):
     rng = np.random.default_rng(seed)
     k = torch.tensor([[0.9, 0, 0.5], [0, 1.2, 0.5], [0, 0, 1.0]]).expand(VIEWS, 3, 3)

@@ -1,6 +1,6 @@
-"""Solver tests run torch on one thread.
+"""Every test runs torch on one thread (tests/ and examples/).
 
-Their systems are small, so each torch op lasts microseconds; with several intra-op
+Test problems are small, so each torch op lasts microseconds; with several intra-op
 threads per process (and ``pytest -n 2`` on two cores) the threads' hand-offs cost
 40x the arithmetic. One thread per test keeps the suite fast and its timing stable.
 """
