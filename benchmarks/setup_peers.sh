@@ -2,8 +2,9 @@
 # Builds benchmarks/.venv-peers: the peers that benchmarks/peers.py compares difftto with.
 # They are benchmark-only dependencies, kept out of the project's .venv.
 #
-#   bash benchmarks/setup_peers.sh            # torchopt + theseus-ai (+ difftto, editable)
-#   WITH_JAX=1 bash benchmarks/setup_peers.sh # also try jaxopt 0.8.5 + jax[cpu] (~620 MB)
+#   bash benchmarks/setup_peers.sh            # torchopt, theseus-ai, jaxopt + jax[cpu], difftto
+#   WITH_JAX=0 bash benchmarks/setup_peers.sh # without jaxopt/jax (~620 MB; installed in about
+#                                             # a minute here, jax 0.10.2)
 #
 # theseus-ai 0.2.3 is an sdist whose setup imports torch, and it needs scikit-sparse,
 # which builds against the SuiteSparse headers (apt-get install libsuitesparse-dev).
@@ -20,7 +21,7 @@ $PIP install "torchopt==0.7.3"   # keeps torch 2.13.0; its C++ extension may not
 $PIP install --no-build-isolation "scikit-sparse<0.5"
 $PIP install --no-build-isolation "theseus-ai==0.2.3"
 $PIP install --no-build-isolation --no-deps -e .
-if [ "${WITH_JAX:-0}" = "1" ]; then
+if [ "${WITH_JAX:-1}" = "1" ]; then
   timeout 600 $PIP install "jaxopt==0.8.5" "jax[cpu]" \
     || echo "jaxopt install failed or timed out: peers.py will record it as skipped"
 fi
