@@ -132,10 +132,11 @@ class InnerObjective:
         def hvp(v: Tensor) -> Tensor:
             return hvp_fn(v)[0].detach()
 
-        diag = None
-        if self.diagonal_probes > 0:
-            est = _probe_diagonal(lambda z: z * hvp(z), theta, self.diagonal_probes, theta.shape)
-            diag = est.clamp_min(0)
+        def diag():
+            if self.diagonal_probes <= 0:
+                return None
+            return _probe_diagonal(lambda z: z * hvp(z), theta, self.diagonal_probes, theta.shape).clamp_min(0)
+
         h = HessianOperator(hvp, self.layout_shape(theta), theta.dtype, theta.device, diagonal=diag)
         lam = self._proximal_diagonal(theta) if with_proximal else None
         if lam is None:
@@ -145,8 +146,9 @@ class InnerObjective:
     def layout_shape(self, theta: Tensor) -> tuple[int, int]:
         return (theta.shape[0], theta.shape[1])
 
-    def jacobian_products(self, theta: Tensor) -> tuple[Callable, Callable, Tensor | None]:
-        """``(jvp, vjp, diag(JᵀJ) or None)`` at ``θ`` on flat vectors.
+    def jacobian_products(self, theta: Tensor) -> tuple[Callable, Callable, Callable[[], Tensor | None]]:
+        """``(jvp, vjp, diag)`` at ``θ`` on flat vectors; ``diag()`` computes ``diag(JᵀJ)``
+        (or ``None``) when first asked for.
 
         Uses the problem's own :meth:`Problem.linearize` when it gives one; otherwise
         autograd on the residuals with the discrete state frozen at ``θ``.
@@ -173,10 +175,12 @@ class InnerObjective:
         def vjp(w):
             return layout.flatten(lin.vjp(w))
 
-        diag = lin.gauss_newton_diagonal()
-        diag = None if diag is None else layout.flatten(diag).detach()
-        if diag is None:
-            diag = self._gauss_newton_diagonal(jvp, vjp, theta, jvp(torch.zeros_like(theta)).shape)
+        def diag():
+            exact = lin.gauss_newton_diagonal()
+            if exact is not None:
+                return layout.flatten(exact).detach()
+            return self._gauss_newton_diagonal(jvp, vjp, theta, jvp(torch.zeros_like(theta)).shape)
+
         return jvp, vjp, diag
 
     def _autograd_products(self, theta: Tensor, data: Data):
@@ -219,7 +223,7 @@ class InnerObjective:
                         state["mode"] = forward_jvp
                 return state["mode"](v)
 
-        return jvp, vjp, self._gauss_newton_diagonal(jvp, vjp, theta, r.shape)
+        return jvp, vjp, lambda: self._gauss_newton_diagonal(jvp, vjp, theta, r.shape)
 
     def _gauss_newton_diagonal(self, jvp, vjp, theta: Tensor, residual_shape) -> Tensor | None:
         """``diag(JᵀJ)``: exact from ``n`` products ``‖J e_j‖²`` when ``n`` is at most the

@@ -235,7 +235,21 @@ class ScaledOperator(LinearOperator):
         return None if d is None else self.scale * d
 
 
-class GaussNewtonOperator(LinearOperator):
+class _LazyDiagonal:
+    """A diagonal given as a tensor, or as a function computed on the first
+    :meth:`diagonal` call and kept: estimating it costs products, which a solve that
+    does not precondition with it should not pay."""
+
+    def _set_diagonal(self, diagonal) -> None:
+        self._diagonal, self._diagonal_fn = (None, diagonal) if callable(diagonal) else (diagonal, None)
+
+    def diagonal(self) -> Tensor | None:
+        if self._diagonal_fn is not None:
+            self._diagonal, self._diagonal_fn = self._diagonal_fn(), None
+        return self._diagonal
+
+
+class GaussNewtonOperator(_LazyDiagonal, LinearOperator):
     """``JᵀJ`` from a Jacobian-vector product and a vector-Jacobian product.
 
     Args:
@@ -243,7 +257,7 @@ class GaussNewtonOperator(LinearOperator):
         vjp: ``w [B, m] -> Jᵀ w [B, n]``.
         shape: ``(B, n)``.
         diagonal: ``diag(JᵀJ)`` ``[B, n]`` where known (exact or estimated; it only
-            preconditions).
+            preconditions), or a function computing it on first use.
 
     Symmetric and positive semi-definite by construction (``semidefinite = True``),
     so ``GaussNewtonOperator + DiagonalOperator(Λ > 0)`` is positive definite.
@@ -260,25 +274,24 @@ class GaussNewtonOperator(LinearOperator):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         *,
-        diagonal: Tensor | None = None,
+        diagonal: Tensor | Callable[[], Tensor | None] | None = None,
     ):
         super().__init__(shape, dtype, device)
         self.jvp, self.vjp = jvp, vjp
-        self._diagonal = diagonal
+        self._set_diagonal(diagonal)
 
     def mv(self, v: Tensor) -> Tensor:
         return self.vjp(self.jvp(v))
 
-    def diagonal(self) -> Tensor | None:
-        return self._diagonal
 
-
-class HessianOperator(LinearOperator):
+class HessianOperator(_LazyDiagonal, LinearOperator):
     """The exact Hessian of a per-element scalar function via Hessian-vector products.
 
     Args:
         hvp: ``v [B, n] -> ∇²f v [B, n]`` (built by the caller, e.g. forward-over-reverse).
         shape, dtype, device: as for every operator.
+        diagonal: an estimate of ``diag(∇²f)`` ``[B, n]``, or a function computing it on
+            first use.
 
     Symmetric; definiteness is not assumed (non-convex data terms are common).
     """
@@ -292,17 +305,14 @@ class HessianOperator(LinearOperator):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         *,
-        diagonal: Tensor | None = None,
+        diagonal: Tensor | Callable[[], Tensor | None] | None = None,
     ):
         super().__init__(shape, dtype, device)
         self._hvp = hvp
-        self._diagonal = diagonal
+        self._set_diagonal(diagonal)
 
     def mv(self, v: Tensor) -> Tensor:
         return self._hvp(v)
-
-    def diagonal(self) -> Tensor | None:
-        return self._diagonal
 
 
 def materialize(op: LinearOperator) -> Tensor:

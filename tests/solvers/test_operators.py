@@ -198,3 +198,24 @@ def test_base_operator_needs_mv():
 
 def test_materialize_empty():
     assert materialize(proximal(3, 0)).shape == (3, 0, 0)
+
+
+def test_lazy_diagonal_is_computed_only_when_a_solve_preconditions_with_it():
+    from difftto.operators import GaussNewtonOperator
+    from difftto.solvers import PCG
+
+    calls = []
+    d = torch.tensor([[1.0, 4.0]], dtype=torch.float64)
+
+    def diagonal():
+        calls.append(1)
+        return d
+
+    op = GaussNewtonOperator(lambda v: v * d.sqrt(), lambda w: w * d.sqrt(), (1, 2), torch.float64, diagonal=diagonal)
+    b = torch.ones(1, 2, dtype=torch.float64)
+    PCG(preconditioner="identity").solve(op, b)
+    assert calls == []
+    PCG(preconditioner="jacobi").solve(op, b)
+    PCG(preconditioner="jacobi").solve(op, b)
+    assert calls == [1]  # computed once, then kept
+    torch.testing.assert_close(op.diagonal(), d)
