@@ -36,18 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, "") and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from examples.diff3r.evaluate import evaluate, markdown_table  # noqa: E402
-from examples.diff3r.train import CHECKPOINT_NAME, train  # noqa: E402
-
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-
-
-def compose_config(overrides: list[str]):
-    """The training config of ``conf/config.yaml`` with hydra ``overrides``."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+from examples.diff3r.train import CHECKPOINT_NAME, compose_config, train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

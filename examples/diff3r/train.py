@@ -49,6 +49,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "batch_indices",
     "build_model",
+    "compose_config",
     "load_checkpoint",
     "make_dataset",
     "prepare_data",
@@ -57,6 +58,16 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The training config of ``conf/config.yaml`` with hydra ``overrides`` (hydra's
+    compose API: for scripts and tests that call :func:`train` directly)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
 MODES = ("zero_shot", "diff3r", "unrolled", "no_uncertainty")
 NAN_POLICIES = ("stop", "skip")
 

@@ -2,25 +2,17 @@
 policy set from hydra (tto.on_failure) decides what happens."""
 
 import json
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import difftto
 from examples.diff3r.testing import tiny_dataset, tiny_overrides
-from examples.diff3r.train import train
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from examples.diff3r.train import compose_config, train
 
 # One PCG iteration towards a 1e-12 tolerance, with Λ predicted near zero for the
 # means: the backward system cannot converge, so every solve fails.
 ILL_CONDITIONED = ["tto.pcg_max_iter=1", "tto.pcg_rtol=1e-12"]
 
-
-def _cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +22,8 @@ def root(tmp_path_factory):
 
 def test_failed_backward_solves_are_counted_and_logged(root, tmp_path):
     out = tmp_path / "best"
-    summary = train(_cfg(tiny_overrides(root, out, "diff3r") + ILL_CONDITIONED + ["tto.on_failure=best", "steps=2"]))
+    overrides = tiny_overrides(root, out, "diff3r") + ILL_CONDITIONED + ["tto.on_failure=best", "steps=2"]
+    summary = train(compose_config(overrides))
     assert summary["pcg_failures"] == {"not_converged": 2, "solves": 2}
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [rec["pcg_failures"] for rec in logged] == [1, 1]
@@ -38,6 +31,7 @@ def test_failed_backward_solves_are_counted_and_logged(root, tmp_path):
 
 
 def test_on_failure_raise_from_hydra_stops_training(root, tmp_path):
-    cfg = _cfg(tiny_overrides(root, tmp_path / "raise", "diff3r") + ILL_CONDITIONED + ["tto.on_failure=raise"])
+    overrides = tiny_overrides(root, tmp_path / "raise", "diff3r") + ILL_CONDITIONED + ["tto.on_failure=raise"]
+    cfg = compose_config(overrides)
     with pytest.raises(difftto.solvers.LinearSolveError, match="MAX_ITER_REACHED"):
         train(cfg)

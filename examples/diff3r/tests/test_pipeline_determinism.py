@@ -6,18 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from examples.diff3r.testing import tiny_dataset, tiny_overrides
-from examples.diff3r.train import train
+from examples.diff3r.train import compose_config, train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 STEPS = 3
 
-
-def _cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +20,7 @@ def root(tmp_path_factory):
 
 
 def _losses(root, out, mode, seed):
-    summary = train(_cfg(tiny_overrides(root, out, mode) + [f"steps={STEPS}", f"seed={seed}"]))
+    summary = train(compose_config(tiny_overrides(root, out, mode) + [f"steps={STEPS}", f"seed={seed}"]))
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     return [(r["loss"], r["psnr"]) for r in records], summary["parameter_checksum"]

@@ -4,22 +4,13 @@ neither the weights nor the optimizer state)."""
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import examples.diff3r.train as train_module
 from examples.diff3r.testing import tiny_dataset, tiny_overrides
-from examples.diff3r.train import CHECKPOINT_NAME, load_checkpoint, train
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def _cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+from examples.diff3r.train import CHECKPOINT_NAME, compose_config, load_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +50,7 @@ def _inject(monkeypatch, at_call: int, kind: str) -> list:
 def test_stop_policy_names_step_and_scene(root, tmp_path, monkeypatch, kind):
     seen = _inject(monkeypatch, 2, kind)
     with pytest.raises(FloatingPointError) as err:
-        train(_cfg(tiny_overrides(root, tmp_path, "diff3r") + ["steps=3", "nan_policy=stop"]))
+        train(compose_config(tiny_overrides(root, tmp_path, "diff3r") + ["steps=3", "nan_policy=stop"]))
     message = str(err.value)
     assert "step 2" in message and kind in message and str(seen[1]) in message, message
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 1  # the last good checkpoint stays
@@ -67,9 +58,9 @@ def test_stop_policy_names_step_and_scene(root, tmp_path, monkeypatch, kind):
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_skip_policy_leaves_weights_and_optimizer_untouched(root, tmp_path, monkeypatch, kind):
-    clean = train(_cfg(tiny_overrides(root, tmp_path / "clean", "diff3r") + ["steps=1"]))
+    clean = train(compose_config(tiny_overrides(root, tmp_path / "clean", "diff3r") + ["steps=1"]))
     seen = _inject(monkeypatch, 2, kind)
-    summary = train(_cfg(tiny_overrides(root, tmp_path / "skip", "diff3r") + ["steps=2", "nan_policy=skip"]))
+    summary = train(compose_config(tiny_overrides(root, tmp_path / "skip", "diff3r") + ["steps=2", "nan_policy=skip"]))
     assert [(s["step"], s["keys"]) for s in summary["skipped"]] == [(2, seen[1])]
     assert kind in summary["skipped"][0]["problem"]
     a = load_checkpoint(tmp_path / "clean" / CHECKPOINT_NAME)
@@ -88,4 +79,4 @@ def test_skip_policy_leaves_weights_and_optimizer_untouched(root, tmp_path, monk
 
 def test_unknown_nan_policy_is_named(root, tmp_path):
     with pytest.raises(ValueError, match="nan_policy"):
-        train(_cfg(tiny_overrides(root, tmp_path, "diff3r") + ["nan_policy=ignore"]))
+        train(compose_config(tiny_overrides(root, tmp_path, "diff3r") + ["nan_policy=ignore"]))

@@ -4,28 +4,20 @@ run), atomic checkpoint writes, and the data cache."""
 
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from examples.diff3r.testing import tiny_dataset, tiny_overrides
 from examples.diff3r.train import (
     CHECKPOINT_NAME,
     batch_indices,
+    compose_config,
     load_checkpoint,
     prepare_data,
     save_checkpoint,
     train,
 )
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def _cfg(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def root(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["zero_shot", "diff3r", "unrolled", "no_uncertainty"])
 def test_one_training_step_per_mode(root, tmp_path, mode):
-    summary = train(_cfg(tiny_overrides(root, tmp_path / mode, mode)))
+    summary = train(compose_config(tiny_overrides(root, tmp_path / mode, mode)))
     rec = summary["last"]
     assert rec["step"] == 1 and rec["loss"] > 0 and torch.isfinite(torch.tensor(rec["loss"]))
     ckpt = load_checkpoint(tmp_path / mode / CHECKPOINT_NAME)
@@ -56,15 +48,15 @@ def test_resume_continues_from_the_saved_step(root, tmp_path):
     def overrides(out, steps, resume=False):
         return tiny_overrides(root, out, "diff3r") + [f"steps={steps}", f"resume={str(resume).lower()}"]
 
-    train(_cfg(overrides(tmp_path / "a", 2)))
+    train(compose_config(overrides(tmp_path / "a", 2)))
     first = load_checkpoint(tmp_path / "a" / CHECKPOINT_NAME)
     assert first["step"] == 2
-    summary = train(_cfg(overrides(tmp_path / "a", 3, resume=True)))
+    summary = train(compose_config(overrides(tmp_path / "a", 3, resume=True)))
     assert summary["start_step"] == 2 and summary["last"]["step"] == 3
     steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     # The same three steps without interruption give the same weights (seeded data order, Adam state restored).
-    train(_cfg(overrides(tmp_path / "b", 3)))
+    train(compose_config(overrides(tmp_path / "b", 3)))
     resumed = load_checkpoint(tmp_path / "a" / CHECKPOINT_NAME)["model"]
     straight = load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)["model"]
     for k in straight:
@@ -96,11 +88,11 @@ def test_batches_are_a_function_of_the_step():
 
 
 def test_data_generated_into_the_cache_once(tmp_path):
-    cfg = _cfg([f"data.cache_dir={tmp_path}", "data.generate.n_train=1", "data.generate.n_test=1",
+    cfg = compose_config([f"data.cache_dir={tmp_path}", "data.generate.n_train=1", "data.generate.n_test=1",
                 "data.generate.views_per_scene=5", "data.generate.image_size=8"])
     root = prepare_data(cfg.data)
     assert root.parent == tmp_path and (root / "meta.json").is_file() and (root / "evaluation_index.json").is_file()
     stamp = (root / "meta.json").stat().st_mtime_ns
     assert prepare_data(cfg.data) == root and (root / "meta.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileNotFoundError, match="data.root"):
-        prepare_data(_cfg([f"data.root={tmp_path / 'nothing'}", "data.generate=null"]).data)
+        prepare_data(compose_config([f"data.root={tmp_path / 'nothing'}", "data.generate=null"]).data)
