@@ -56,7 +56,9 @@ def scenes(draw):
         if draw(st.booleans()):  # zero quaternions
             theta["quats"][:, : draw(st.integers(1, n))] = 0.0
         if draw(st.booleans()):  # unnormalized quaternions
-            theta["quats"] = theta["quats"] * draw(st.sampled_from([1e-20, 1e-3, 1e3, 1e20]))
+            scaled = theta["quats"] * draw(st.sampled_from([1e-20, 1e-3, 1e3, 1e20]))
+            if torch.isfinite(scaled).all():  # the inputs stay finite (an overflow is another test's case)
+                theta["quats"] = scaled
         # Gaussians behind, on, or just in front of the first camera's plane: the camera sits at
         # distance 4 from the origin, looking at it; put the point at depth z along its axis
         if draw(st.booleans()):

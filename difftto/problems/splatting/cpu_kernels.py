@@ -478,19 +478,12 @@ def render_cpu_kernels(g: Gaussians, viewmats: Tensor, Ks: Tensor, width: int, h
                        bg: Tensor | None, sh_degree: int | None, near: float, far: float, eps2d: float,
                        tile_size: int, state, return_state: bool):
     """``rasterize``'s ``"cpu_kernels"`` backend (arguments already validated there)."""
-    from .rasterize import RasterState, RenderOutput
+    from .rasterize import RenderOutput, check_state
 
     B, N, D = g.batch, g.num, g.channels
     C = viewmats.shape[1]
     signature = (B, C, N, height, width, tile_size)
-    if state is not None:
-        if not isinstance(state, RasterState):
-            raise TypeError(f"state must be a RasterState, got {type(state).__name__}")
-        if state.signature != signature:
-            raise ValueError(
-                f"state was made for (B, C, N, H, W, tile) = {state.signature}, but this call "
-                f"has {signature}"
-            )
+    check_state(state, signature)
     feats, proj = splat_features(g, viewmats, Ks, width, height, sh_degree=sh_degree,
                                  near_plane=near, far_plane=far, eps2d=eps2d)
     I = B * C

@@ -50,7 +50,12 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
 
     Quaternions are normalized first; a zero quaternion gives the identity (its
     normalized value is 0 and the formula below then reduces to ``I``), so no NaN.
+    They are divided by their largest entry before the norm is taken: a finite
+    float32 quaternion above ~1.8e19 would otherwise overflow ``‖q‖²`` to inf and
+    give NaN gradients.
     """
+    largest = quats.detach().abs().amax(dim=-1, keepdim=True)
+    quats = quats / torch.where(largest > 0, largest, torch.ones_like(largest))
     norm = torch.linalg.vector_norm(quats, dim=-1, keepdim=True).clamp_min(1e-12)
     w, x, y, z = (quats / norm).unbind(-1)
     xx, yy, zz = x * x, y * y, z * z

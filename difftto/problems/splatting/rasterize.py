@@ -532,14 +532,7 @@ def _rasterize_torch(g, viewmats, Ks, width, height, bg, sh_degree, near, far, e
     P = tile_size * tile_size
     dtype, device = g.means.dtype, g.means.device
     signature = (B, C, N, height, width, tile_size)
-    if state is not None:
-        if not isinstance(state, RasterState):
-            raise TypeError(f"state must be a RasterState, got {type(state).__name__}")
-        if state.signature != signature:
-            raise ValueError(
-                f"state was made for (B, C, N, H, W, tile) = {state.signature}, but this call "
-                f"has {signature}"
-            )
+    check_state(state, signature)
 
     opacity = g.opacity()  # [B, N]
     proj = project_gaussians(g.means, g.covariance_factors(), viewmats, Ks, width, height,
@@ -615,3 +608,16 @@ def _rasterize_torch(g, viewmats, Ks, width, height, bg, sh_degree, near, far, e
             frozen_tiles, frozen_groups = _compact(tile_ids, new_groups, I * N)
             out_state = RasterState(signature, frozen_tiles, frozen_groups)
     return RenderOutput(rgb, alphas, depths, out_state)
+
+
+def check_state(state: RasterState | None, signature: tuple[int, ...]) -> None:
+    """Raises unless ``state`` is ``None`` or a :class:`RasterState` made for a call of
+    this ``signature`` ``(B, C, N, H, W, tile)``."""
+    if state is None:
+        return
+    if not isinstance(state, RasterState):
+        raise TypeError(f"state must be a RasterState, got {type(state).__name__}")
+    if state.signature != signature:
+        raise ValueError(
+            f"state was made for (B, C, N, H, W, tile) = {state.signature}, but this call has {signature}"
+        )

@@ -132,3 +132,16 @@ def test_activations():
     huge = Gaussians.from_params(dict(g.to_params(), log_scales=g.log_scales + 1e3))
     assert torch.isfinite(huge.covariances()).all()
     assert math.isclose(float(huge.scales().max()), math.exp(15.0), rel_tol=1e-12)
+
+
+def test_huge_finite_quaternions_give_finite_rotations_and_gradients():
+    from difftto.problems.splatting import quat_to_rotmat
+
+    q = torch.tensor([[3e19, 1e19, -2e19, 5e18], [1e-30, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+                     requires_grad=True)
+    r = quat_to_rotmat(q)
+    r.sum().backward()
+    assert torch.isfinite(r).all() and torch.isfinite(q.grad).all()
+    small = torch.tensor([[3.0, 1.0, -2.0, 0.5]])
+    torch.testing.assert_close(r[0], quat_to_rotmat(small)[0])  # scale-invariant
+    torch.testing.assert_close(r[2], torch.eye(3))  # zero quaternion: identity
