@@ -478,7 +478,7 @@ def render_cpu_kernels(g: Gaussians, viewmats: Tensor, Ks: Tensor, width: int, h
                        bg: Tensor | None, sh_degree: int | None, near: float, far: float, eps2d: float,
                        tile_size: int, state, return_state: bool):
     """``rasterize``'s ``"cpu_kernels"`` backend (arguments already validated there)."""
-    from .rasterize import RenderOutput, check_state
+    from .rasterize import RenderOutput, check_state, split_image
 
     B, N, D = g.batch, g.num, g.channels
     C = viewmats.shape[1]
@@ -491,10 +491,7 @@ def render_cpu_kernels(g: Gaussians, viewmats: Tensor, Ks: Tensor, width: int, h
     out, _, _, _ = _CompositeFunction.apply(feats.reshape(I * N, 7 + D), proj.radii.reshape(I * N, 2),
                                             proj.valid.reshape(I * N), state, signature, holder)
     image = out.view(B, C, height, width, D + 2)
-    rgb, depth_sum, alphas = image[..., :D], image[..., D : D + 1], image[..., D + 1 :]
-    if bg is not None:
-        rgb = rgb + (1.0 - alphas) * bg[:, :, None, None, :]
-    depths = depth_sum / alphas.clamp_min(1e-10)
+    rgb, alphas, depths = split_image(image, D, bg)
     out_state = None
     if return_state:
         out_state = state if state is not None else _state_from_structure(holder.structure, holder.active)

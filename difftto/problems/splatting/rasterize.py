@@ -596,10 +596,7 @@ def _rasterize_torch(g, viewmats, Ks, width, height, bg, sh_degree, near, far, e
         .reshape(I, th * tile_size, tw * tile_size, n_feat)[:, :height, :width]
         .reshape(B, C, height, width, n_feat)
     )
-    rgb, depth_sum, alphas = image[..., :D], image[..., D : D + 1], image[..., D + 1 :]
-    if bg is not None:
-        rgb = rgb + (1.0 - alphas) * bg[:, :, None, None, :]
-    depths = depth_sum / alphas.clamp_min(1e-10)
+    rgb, alphas, depths = split_image(image, D, bg)
     out_state = None
     if return_state:
         if state is not None:
@@ -608,6 +605,15 @@ def _rasterize_torch(g, viewmats, Ks, width, height, bg, sh_degree, near, far, e
             frozen_tiles, frozen_groups = _compact(tile_ids, new_groups, I * N)
             out_state = RasterState(signature, frozen_tiles, frozen_groups)
     return RenderOutput(rgb, alphas, depths, out_state)
+
+
+def split_image(image: Tensor, channels: int, background: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Both backends composite ``[B, C, H, W, channels + 2]`` = (color, depth·alpha,
+    alpha); returns ``(color over the background, alpha, expected depth)``."""
+    rgb, depth_sum, alphas = image[..., :channels], image[..., channels : channels + 1], image[..., channels + 1 :]
+    if background is not None:
+        rgb = rgb + (1.0 - alphas) * background[:, :, None, None, :]
+    return rgb, alphas, depth_sum / alphas.clamp_min(1e-10)
 
 
 def check_state(state: RasterState | None, signature: tuple[int, ...]) -> None:
