@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     common = [f"threads={args.threads}", f"progress={str(args.progress).lower()}", *args.overrides]
     total = args.pretrain_steps + args.steps
 
-    print(f"== 1/4 pre-training zero_shot for {args.pretrain_steps} steps", flush=True)
+    print(f"== 1/5 pre-training zero_shot for {args.pretrain_steps} steps", flush=True)
     zs_dir = out / "zero_shot"
     pre = train(compose_config([*common, "mode=zero_shot", f"steps={args.pretrain_steps}", f"out_dir={zs_dir}",
                                 "resume=true"]))
@@ -65,22 +65,31 @@ def main(argv: list[str] | None = None) -> dict:
     if not pretrain_ckpt.is_file():
         shutil.copyfile(zs_dir / CHECKPOINT_NAME, pretrain_ckpt)
 
-    print(f"== 2/4 zero_shot baseline: {args.steps} more steps (to {total})", flush=True)
+    print(f"== 2/5 zero_shot baseline: {args.steps} more steps (to {total})", flush=True)
     zs = train(compose_config([*common, "mode=zero_shot", f"steps={total}", f"out_dir={zs_dir}", "resume=true"]))
 
-    print(f"== 3/4 Diff3R: {args.steps} steps through the TTO layer from the pre-trained weights", flush=True)
+    print(f"== 3/5 Diff3R: {args.steps} steps through the TTO layer from the pre-trained weights", flush=True)
     d3_dir = out / "diff3r"
     d3 = train(compose_config([*common, "mode=diff3r", f"steps={args.steps}", f"out_dir={d3_dir}",
                                f"init_from={pretrain_ckpt}", "resume=true", f"loss.theta0={args.theta0_weight}"]))
 
-    print("== 4/4 evaluation on held-out scenes", flush=True)
-    results = evaluate(zs_dir / CHECKPOINT_NAME, d3_dir / CHECKPOINT_NAME, out / "eval", threads=args.threads)
+    print(f"== 4/5 no_uncertainty: {args.steps} steps through the TTO layer with a constant Λ (model.lam_init)",
+          flush=True)
+    nu_dir = out / "no_uncertainty"
+    nu = train(compose_config([*common, "mode=no_uncertainty", f"steps={args.steps}", f"out_dir={nu_dir}",
+                               f"init_from={pretrain_ckpt}", "resume=true", f"loss.theta0={args.theta0_weight}"]))
+
+    print("== 5/5 evaluation on held-out scenes", flush=True)
+    results = evaluate(zs_dir / CHECKPOINT_NAME, d3_dir / CHECKPOINT_NAME, out / "eval",
+                       no_uncertainty=nu_dir / CHECKPOINT_NAME, threads=args.threads)
     seconds = round(time.perf_counter() - started, 1)
     summary = {
         "seconds": seconds,
         "data_root": pre["data_root"],
-        "train_seconds": {"pretrain": pre["seconds"], "zero_shot": zs["seconds"], "diff3r": d3["seconds"]},
+        "train_seconds": {"pretrain": pre["seconds"], "zero_shot": zs["seconds"], "diff3r": d3["seconds"],
+                          "no_uncertainty": nu["seconds"]},
         "diff3r_pcg_failures": d3["pcg_failures"],
+        "no_uncertainty_pcg_failures": nu["pcg_failures"],
         "results": str(out / "eval" / "results.md"),
         "figures": results["figures"],
     }
@@ -95,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  table    {out / 'eval' / 'results.md'}   (JSON: {out / 'eval' / 'results.json'})")
     for name, path in results["figures"].items():
         print(f"  figure   {path}   ({name})")
-    print(f"  models   {zs_dir / CHECKPOINT_NAME}, {d3_dir / CHECKPOINT_NAME} (metrics.jsonl beside them)")
+    print(f"  models   {zs_dir / CHECKPOINT_NAME}, {d3_dir / CHECKPOINT_NAME}, {nu_dir / CHECKPOINT_NAME} "
+          "(metrics.jsonl beside them)")
     return summary
 
 
