@@ -41,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 import difftto  # noqa: E402
 from examples.diff3r import distributed  # noqa: E402
 from examples.diff3r.data import BoundedViewSampler, RE10KDataset, generate_dataset  # noqa: E402
+from examples.diff3r.data.augment import augment_context  # noqa: E402
 from examples.diff3r.metrics import load_lpips, lpips_distance, psnr  # noqa: E402
 from examples.diff3r.model import GROUPS, Diff3RModel  # noqa: E402
 from examples.diff3r.pipeline import build_layer, render_views, run_pipeline  # noqa: E402
@@ -337,7 +338,8 @@ def train(cfg: DictConfig) -> dict:
             indices, epoch = batch_indices(len(dataset), int(cfg.batch_size) * dctx.world, int(cfg.seed), step)
             indices = dctx.shard(indices)
             batch = fetch_batch(dataset, indices, epoch, device)
-            out = run_pipeline(model, batch, layer, lam=lam)
+            context_images = augment_context(batch["context_images"], cfg.get("augment"), int(cfg.seed), step)
+            out = run_pipeline(model, batch, layer, lam=lam, context_images=context_images)
             target = batch["target_images"]
             loss = float(cfg.loss.mse) * F.mse_loss(out.render, target)
             theta0_weight = float(cfg.loss.get("theta0", 0.0))
