@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
         v = results["lambda_visibility"]
         print(f"Λ_means where the other context view sees: {v['lam_means_seen']:.4g}; where it does not: "
               f"{v['lam_means_unseen']:.4g} (higher where unseen in {v['unseen_higher_in_scenes']}/{v['scenes']})")
+        print(f"Λ_means on the image border (4 px): {v['lam_means_border']:.4g}; "
+              f"interior: {v['lam_means_interior']:.4g}")
+        if "lam_means_unseen_interior" in v:
+            print(f"Λ_means in the interior, seen: {v['lam_means_seen_interior']:.4g}; unseen: "
+                  f"{v['lam_means_unseen_interior']:.4g} (higher where unseen in "
+                  f"{v['unseen_higher_interior_in_scenes']}/{v['interior_scenes']})")
     print(f"\nDone in {seconds} s. Outputs in {out}/:")
     print(f"  table    {out / 'eval' / 'results.md'}   (JSON: {out / 'eval' / 'results.json'})")
     for name, path in results["figures"].items():

@@ -99,8 +99,9 @@ def _run_row(row: Row, batch, layer, context_images, lpips_module) -> tuple[dict
     return metrics, out
 
 
-def _lam_visibility(out, batch) -> dict[str, float] | None:
-    """Mean Λ_means over context pixels the other context view sees / does not see."""
+def _lam_visibility(out, batch, border: int = 4) -> dict[str, float] | None:
+    """Mean Λ_means over context pixels the other context view sees / does not see
+    (also on the interior, ``border`` px away from the image edges, and on the border)."""
     if "context_depths" not in batch:
         return None
     depths = batch["context_depths"][0]
@@ -112,8 +113,18 @@ def _lam_visibility(out, batch) -> dict[str, float] | None:
                         covisibility(depths[1], K[1], c2w[1], depths[0], K[0], c2w[0])])
     if seen.all() or not seen.any():
         return None
-    return {"lam_means_seen": float(lam[seen].mean()), "lam_means_unseen": float(lam[~seen].mean()),
-            "seen_mask": seen}
+    out = {"lam_means_seen": float(lam[seen].mean()), "lam_means_unseen": float(lam[~seen].mean()),
+           "seen_mask": seen}
+    # Λ is also high along every image border, where the unseen pixels cluster: compare
+    # seen/unseen again on the interior only (pixels >= border from every edge).
+    interior = torch.zeros_like(seen)
+    interior[:, border:H - border, border:W - border] = True
+    out["lam_means_border"] = float(lam[~interior].mean())
+    out["lam_means_interior"] = float(lam[interior].mean())
+    if (seen & interior).any() and (~seen & interior).any():
+        out["lam_means_seen_interior"] = float(lam[seen & interior].mean())
+        out["lam_means_unseen_interior"] = float(lam[~seen & interior].mean())
+    return out
 
 
 def markdown_table(results: dict) -> str:
@@ -261,7 +272,18 @@ def evaluate(
             "lam_means_seen": finite_mean([v["lam_means_seen"] for v in lam_vis]),
             "lam_means_unseen": finite_mean([v["lam_means_unseen"] for v in lam_vis]),
             "unseen_higher_in_scenes": sum(v["lam_means_unseen"] > v["lam_means_seen"] for v in lam_vis),
+            "lam_means_border": finite_mean([v["lam_means_border"] for v in lam_vis]),
+            "lam_means_interior": finite_mean([v["lam_means_interior"] for v in lam_vis]),
         }
+        inner = [v for v in lam_vis if "lam_means_unseen_interior" in v]
+        if inner:
+            results["lambda_visibility"].update({
+                "interior_scenes": len(inner),
+                "lam_means_seen_interior": finite_mean([v["lam_means_seen_interior"] for v in inner]),
+                "lam_means_unseen_interior": finite_mean([v["lam_means_unseen_interior"] for v in inner]),
+                "unseen_higher_interior_in_scenes": sum(v["lam_means_unseen_interior"] > v["lam_means_seen_interior"]
+                                                        for v in inner),
+            })
     labels = ["context 0", "context 1", "target"] + [r.name for r in rows]
     figures = {"renders": str(image_grid(figure_rows, out_dir / "renders.png", col_labels=labels)),
                "renders_exposure": str(image_grid(figure_rows_exp, out_dir / "renders_exposure.png",

@@ -82,3 +82,31 @@ def test_evaluate_end_to_end_on_tiny_checkpoints(tmp_path_factory, tmp_path):
     assert "| Diff3R + TTO |" in (tmp_path / "eval" / "results.md").read_text()
     for path in results["figures"].values():
         assert Image.open(path).format == "PNG"
+
+
+def test_lambda_visibility_separates_the_border_from_the_interior(tmp_path):
+    from types import SimpleNamespace
+
+    from torch.utils.data import default_collate
+
+    from examples.diff3r.data import RE10KDataset
+    from examples.diff3r.evaluate import _lam_visibility
+
+    root = tiny_dataset(tmp_path / "data")
+    ds = RE10KDataset(root, "test", 16, evaluation_index=root / "evaluation_index.json", load_depth=True)
+    found = 0
+    for i in range(len(ds)):
+        batch = default_collate([ds[i]])
+        lam = torch.ones(2, 16, 16)
+        lam[:, :4], lam[:, -4:], lam[:, :, :4], lam[:, :, -4:] = 5.0, 5.0, 5.0, 5.0  # high along the border only
+        vis = _lam_visibility(SimpleNamespace(lam={"means": lam.reshape(1, -1)}), batch, border=4)
+        if vis is None:
+            continue
+        found += 1
+        assert vis["lam_means_border"] == pytest.approx(5.0) and vis["lam_means_interior"] == pytest.approx(1.0)
+        seen = vis["seen_mask"]
+        assert vis["lam_means_seen"] == pytest.approx(float(lam[seen].mean()))
+        if "lam_means_unseen_interior" in vis:  # Λ flat inside: no seen/unseen difference left there
+            assert vis["lam_means_unseen_interior"] == pytest.approx(1.0)
+            assert vis["lam_means_seen_interior"] == pytest.approx(1.0)
+    assert found >= 1
