@@ -8,6 +8,7 @@ from .cameras import look_at as look_at
 from .gaussians import Gaussians as Gaussians
 from .gaussians import eval_sh as eval_sh
 from .gaussians import quat_to_rotmat as quat_to_rotmat
+from .posed import PosedSplattingProblem as PosedSplattingProblem
 from .problem import GaussianSplattingProblem as GaussianSplattingProblem
 from .problem import apply_pose_deltas as apply_pose_deltas
 from .projection import Projection as Projection
