@@ -9,9 +9,14 @@ Set ``DIFFTTO_CPU_KERNELS=0`` to never compile (``backend="auto"`` then uses tor
 
 What is compiled and what stays in torch:
 
-- the EWA projection and the colours (SH) stay in torch autograd (they are cheap per
-  Gaussian and keep every derivative mode); they produce per-(image, Gaussian)
-  features ``(mean2d, conic, log-opacity, colours, depth)``;
+- the EWA projection (activations, camera transform, 2-D covariance, conic, footprint
+  radii) and its backward are compiled (``csrc/project_cpu.cpp``, parallel over
+  Gaussians); they produce per-(image, Gaussian) features ``(mean2d, conic,
+  log-opacity, colours, depth)``. The backward also gives the camera (``viewmats``)
+  gradient. SH colours are evaluated in torch (autograd carries their gradient to the
+  SH coefficients, means and cameras). Forward mode (``torch.func.jvp``) and second order
+  of the projection run through its pure-torch twin (:func:`projection_twin`); when the
+  intrinsics ``Ks`` require grad the whole projection runs in torch (:func:`splat_features`);
 - the tile binning (the same pairs and depth order as :func:`.rasterize._bin_tiles`),
   the compositing and its exact backward are compiled. The forward pass keeps a cache of
   ``α`` and ``T`` per (pair, pixel), which the backward, ``J·v`` (the autograd
@@ -47,12 +52,13 @@ __all__ = [
     "build_directory",
     "KernelStructure",
     "splat_features",
+    "projection_twin",
     "structure_from_state",
     "render_cpu_kernels",
 ]
 
 EXTENSION_NAME = "difftto_rasterize_cpu"
-_SOURCES = (Path(__file__).parent / "csrc" / "rasterize_cpu.cpp",)
+_SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("rasterize_cpu.cpp", "project_cpu.cpp"))
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _STATUS: dict[str, object] = {}
@@ -283,6 +289,116 @@ def splat_features(g: Gaussians, viewmats: Tensor, Ks: Tensor, width: int, heigh
     return feats, proj
 
 
+def projection_twin(means: Tensor, log_scales: Tensor, quats: Tensor, opacities: Tensor, colors: Tensor,
+                    viewmats: Tensor, Ks: Tensor, settings: tuple) -> Tensor:
+    """The features of the compiled projection, in torch autograd (its test twin and its
+    forward-mode and second-order path): ``colors`` is ``[B, N, D]`` or per camera
+    ``[B, C, N, D]``, ``settings = (width, height, eps2d, near_plane, far_plane)``.
+    Returns ``feats [B, C, N, 7 + D]``."""
+    width, height, eps2d, near, far = settings
+    g = Gaussians(means, log_scales, quats, opacities)
+    B, N, C = means.shape[0], means.shape[1], viewmats.shape[1]
+    proj = project_gaussians(means, g.covariance_factors(), viewmats, Ks, width, height, opacities=g.opacity(),
+                             eps2d=eps2d, near_plane=near, far_plane=far)
+    if colors.dim() == 3:
+        colors = colors.unsqueeze(1).expand(B, C, N, colors.shape[-1])
+    log_opacity = torch.nn.functional.logsigmoid(opacities).unsqueeze(1).expand(B, C, N).unsqueeze(-1)
+    return torch.cat([proj.means2d, proj.conics, log_opacity, colors, proj.depths.unsqueeze(-1)], dim=-1)
+
+
+_PROJECTION_INPUTS = 7  # means, log_scales, quats, opacities, colors, viewmats, Ks
+
+
+class _ProjectFunction(torch.autograd.Function):
+    """``(means, log_scales, quats, opacities, colors, viewmats, Ks) → (feats [B, C, N, F],
+    radii [B, C, N, 2], valid [B, C, N])`` by the compiled projection. Gradients reach every
+    input but ``Ks`` (the caller uses the torch projection when ``Ks`` requires grad)."""
+
+    @staticmethod
+    def forward(means, log_scales, quats, opacities, colors, viewmats, Ks, settings):
+        tensors = [t.detach().contiguous() for t in (means, log_scales, quats, opacities, colors, viewmats, Ks)]
+        return tuple(load_extension().project_forward(*tensors, *settings))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
+        ctx.settings = inputs[-1]
+        ctx.save_for_backward(*inputs[:_PROJECTION_INPUTS])
+        ctx.save_for_forward(*inputs[:_PROJECTION_INPUTS])
+
+    @staticmethod
+    def backward(ctx, grad_feats, *_unused):
+        if grad_feats is None:
+            return (None,) * (_PROJECTION_INPUTS + 1)
+        inputs = ctx.saved_tensors
+        grads = _ProjectCotangentFunction.apply(grad_feats, ctx.settings, ctx.needs_input_grad[5], *inputs)
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+        return (*grads, None, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        inputs = ctx.saved_tensors
+        tangents = tuple(torch.zeros_like(x) if t is None else t
+                         for x, t in zip(inputs, tangents[:_PROJECTION_INPUTS]))
+        _, dfeats = torch.func.jvp(lambda *xs: projection_twin(*xs, ctx.settings), inputs, tangents)
+        return dfeats, None, None
+
+
+class _ProjectCotangentFunction(torch.autograd.Function):
+    """The compiled projection backward: ``grad_feats → (∂means, ∂log_scales, ∂quats,
+    ∂opacities, ∂colors, ∂viewmats or zeros)``; differentiable once more through the twin."""
+
+    @staticmethod
+    def forward(grad_feats, settings, view_grad, means, log_scales, quats, opacities, colors, viewmats, Ks):
+        tensors = [t.detach().contiguous() for t in (means, log_scales, quats, opacities, colors, viewmats, Ks)]
+        out = load_extension().project_backward(*tensors, *settings, grad_feats.detach().contiguous(), view_grad)
+        g_view = torch.zeros_like(viewmats)
+        if view_grad:  # per (image, Gaussian) [3, 4] rows, summed per camera
+            g_view[..., :3, :] = out[5].sum(dim=2)
+        return (*out[:5], g_view)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.settings = inputs[1]
+        ctx.save_for_backward(inputs[0], *inputs[3:])
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        grad_feats, *inputs = ctx.saved_tensors
+        out = _ProjectSecondOrderFunction.apply(ctx.settings, grad_feats, *inputs, *grad_grads)
+        d_grad_feats, d_inputs = out[0], out[1:]
+        return (d_grad_feats, None, None, *d_inputs)
+
+
+class _ProjectSecondOrderFunction(torch.autograd.Function):
+    """``∂/∂(grad_feats, inputs) Σ_k ⟨gg_k, ∂⟨grad_feats, feats⟩/∂input_k⟩`` through the
+    pure-torch twin (second order is rare and may be slow)."""
+
+    @staticmethod
+    def forward(settings, grad_feats, *tensors):
+        inputs, grad_grads = tensors[:_PROJECTION_INPUTS], tensors[_PROJECTION_INPUTS:]
+        with torch.enable_grad():
+            xs = [t.detach().requires_grad_(True) for t in inputs]
+            gf = grad_feats.detach().requires_grad_(True)
+            feats = projection_twin(*xs, settings)
+            first = torch.autograd.grad(feats, xs, gf, create_graph=True, allow_unused=True)
+            used = [(f, gg) for f, gg in zip(first, grad_grads) if f is not None and gg is not None]
+            second = torch.autograd.grad([f for f, _ in used], [gf, *xs], [gg.detach() for _, gg in used],
+                                         allow_unused=True)
+        return tuple(torch.zeros_like(x) if s is None else s for x, s in zip([gf, *xs], second))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise NotImplementedError(
+            "backend='cpu_kernels' supports derivatives up to second order; use backend='torch' for more"
+        )
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -484,12 +600,21 @@ def render_cpu_kernels(g: Gaussians, viewmats: Tensor, Ks: Tensor, width: int, h
     C = viewmats.shape[1]
     signature = (B, C, N, height, width, tile_size)
     check_state(state, signature)
-    feats, proj = splat_features(g, viewmats, Ks, width, height, sh_degree=sh_degree,
-                                 near_plane=near, far_plane=far, eps2d=eps2d)
+    if Ks.requires_grad:  # the compiled backward has no intrinsics gradient
+        feats, proj = splat_features(g, viewmats, Ks, width, height, sh_degree=sh_degree,
+                                     near_plane=near, far_plane=far, eps2d=eps2d)
+        radii, valid = proj.radii, proj.valid
+    else:
+        colors = g.colors
+        if g.sh is not None:
+            dirs = g.means.unsqueeze(1) - camera_centers(viewmats).unsqueeze(2)
+            colors = eval_sh(g.sh.unsqueeze(1), dirs, sh_degree)
+        feats, radii, valid = _ProjectFunction.apply(g.means, g.log_scales, g.quats, g.opacities, colors, viewmats,
+                                                     Ks, (width, height, eps2d, near, far))
     I = B * C
     holder = _Holder()
-    out, _, _, _ = _CompositeFunction.apply(feats.reshape(I * N, 7 + D), proj.radii.reshape(I * N, 2),
-                                            proj.valid.reshape(I * N), state, signature, holder)
+    out, _, _, _ = _CompositeFunction.apply(feats.reshape(I * N, 7 + D), radii.reshape(I * N, 2),
+                                            valid.reshape(I * N), state, signature, holder)
     image = out.view(B, C, height, width, D + 2)
     rgb, alphas, depths = split_image(image, D, bg)
     out_state = None

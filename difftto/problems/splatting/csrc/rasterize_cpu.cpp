@@ -841,6 +841,16 @@ torch::Tensor gram_diagonal(torch::Tensor jac, torch::Tensor gram) {
   return out;
 }
 
+// The compiled projection (project_cpu.cpp).
+std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor log_scales, torch::Tensor quats,
+                                           torch::Tensor opacities, torch::Tensor colors, torch::Tensor viewmats,
+                                           torch::Tensor Ks, int64_t width, int64_t height, double eps2d,
+                                           double near, double far);
+std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor log_scales, torch::Tensor quats,
+                                            torch::Tensor opacities, torch::Tensor colors, torch::Tensor viewmats,
+                                            torch::Tensor Ks, int64_t width, int64_t height, double eps2d,
+                                            double near, double far, torch::Tensor grad_feats, bool view_grad);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "difftto's compiled CPU kernels of the tile rasterizer and its Gauss-Newton products";
   m.def("bin_tiles", &bin_tiles, "(tile, Gaussian) pairs front to back as a CSR by tile");
@@ -851,5 +861,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gram", &gram, "per-Gaussian Gram matrices of the residual feature gradients");
   m.def("project_tangent", &project_tangent, "jac [B,C,N,F,p] · v [B,N,p] -> [B,C,N,F]");
   m.def("project_cotangent", &project_cotangent, "Σ_c jacᵀ · g [B,C,N,F] -> [B,N,p]");
+  m.def("project_forward", &project_forward, "EWA projection -> feats [B,C,N,7+D], radii, valid");
+  m.def("project_backward", &project_backward, "gradients of the projection's inputs from feature gradients");
   m.def("gram_diagonal", &gram_diagonal, "Σ_c diag(jacᵀ G jac) -> [B,N,p]");
 }
