@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from ..base import Data
@@ -40,7 +41,11 @@ class PosedSplattingProblem(GaussianSplattingProblem):
     exponential of :mod:`.se3`).
 
     ``data`` is that of :class:`GaussianSplattingProblem`; ``viewmats`` are the base
-    cameras (the identity when ``pose`` holds the whole camera pose). Λ on the ``pose``
+    cameras (the identity when ``pose`` holds the whole camera pose). An optional
+    ``pose_mask`` (broadcastable to ``[B, C]``; 1 refine, 0 keep) renders camera ``c``
+    from ``exp(pose_mask_c · pose_c) · viewmats_c``: a masked camera (e.g. the first
+    one, which fixes the frame of a pose-free reconstruction) gets no data gradient,
+    so its pose stays at Θ0 whatever Λ is. Λ on the ``pose``
     group anchors each camera to the predicted one, like the Gaussians to Θ0.
 
     The default backend is the pure-PyTorch rasterizer, whose autograd differentiates
@@ -66,8 +71,17 @@ class PosedSplattingProblem(GaussianSplattingProblem):
             raise KeyError(f"gaussian_splatting_posed needs theta[{POSE_KEY!r}] [B, C, 6] beside the "
                            f"Gaussian groups; got {got}")
         viewmats, _, _ = self._check_data(theta, data)
-        posed = dict(data)
-        posed["viewmats"] = posed_viewmats(theta[POSE_KEY], viewmats)
+        pose = theta[POSE_KEY]
+        mask = data.get("pose_mask")
+        if mask is not None:
+            mask = torch.as_tensor(mask, dtype=pose.dtype, device=pose.device)
+            try:
+                pose = pose * torch.broadcast_to(mask, pose.shape[:-1]).unsqueeze(-1)
+            except RuntimeError:
+                raise ValueError(f"data['pose_mask'] has shape {tuple(mask.shape)}, expected a shape that "
+                                 f"broadcasts to [B, C] = {list(pose.shape[:-1])}") from None
+        posed = {k: v for k, v in data.items() if k != "pose_mask"}
+        posed["viewmats"] = posed_viewmats(pose, viewmats)
         gaussians = {k: v for k, v in theta.items() if k != POSE_KEY}
         return super().render(gaussians, posed, return_state=return_state)
 

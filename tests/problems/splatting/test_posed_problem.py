@@ -134,3 +134,19 @@ def test_tto_recovers_a_perturbed_context_pose():
 
     before, after = error(pose0), error(star["pose"])
     assert before > 0.08 and after < 0.05 * before, (before, after, info)
+
+
+def test_pose_mask_keeps_a_camera_out_of_the_data_term():
+    problem = PosedSplattingProblem()
+    theta, viewmats, Ks = random_scene(1, 20, 2, 10, 10, seed=2, scale_px=2.5)
+    images = rasterize(theta, viewmats, Ks, 10, 10).colors + 0.1
+    pose = torch.full((1, 2, 6), 0.01, dtype=F64, requires_grad=True)
+    data = {"viewmats": viewmats, "Ks": Ks, "images": images, "pose_mask": torch.tensor([0.0, 1.0], dtype=F64)}
+    problem.objective({**theta, "pose": pose}, data).sum().backward()
+    assert pose.grad[0, 0].abs().max() == 0 and pose.grad[0, 1].abs().max() > 0
+    masked = problem.residuals({**theta, "pose": pose.detach()}, data)
+    plain = problem.residuals({**theta, "pose": pose.detach() * torch.tensor([0.0, 1.0], dtype=F64)[:, None]},
+                              {k: v for k, v in data.items() if k != "pose_mask"})
+    torch.testing.assert_close(masked, plain)
+    with pytest.raises(ValueError, match="pose_mask"):
+        problem.residuals({**theta, "pose": pose.detach()}, {**data, "pose_mask": torch.ones(3)})
