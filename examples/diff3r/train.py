@@ -39,7 +39,7 @@ from torch.utils.data import default_collate  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import difftto  # noqa: E402
-from examples.diff3r import distributed  # noqa: E402
+from examples.diff3r import distributed, pose_free  # noqa: E402
 from examples.diff3r.data import BoundedViewSampler, RE10KDataset, generate_dataset  # noqa: E402
 from examples.diff3r.data.augment import augment_context  # noqa: E402
 from examples.diff3r.metrics import load_lpips, lpips_distance, psnr  # noqa: E402
@@ -120,7 +120,8 @@ def make_dataset(cfg: Any, root: Path, split: str, *, evaluation: bool = False,
         if not index.is_file():
             raise FileNotFoundError(f"{index}: the evaluation index of the test split is missing")
     gap = list(d.get("gap", [3, 8]))
-    sampler = BoundedViewSampler(2, int(d.get("num_target_views", 3)), min_gap=int(gap[0]), max_gap=int(gap[1]))
+    sampler = BoundedViewSampler(int(d.get("num_context_views", 2)), int(d.get("num_target_views", 3)),
+                                 min_gap=int(gap[0]), max_gap=int(gap[1]))
     return RE10KDataset(
         root, split, int(d.image_size), sampler=sampler, evaluation_index=index,
         near=d.get("near"), far=d.get("far"), make_baseline_1=bool(d.get("make_baseline_1", False)),
@@ -153,6 +154,8 @@ def fetch_batch(dataset: RE10KDataset, indices: list[int], epoch: int, device: t
 def build_model(model_cfg: Any) -> Diff3RModel:
     """The encoder from a ``model`` config (``conf/model/*.yaml``)."""
     m = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    if pose_free.is_pose_free(m):  # model=pose_free: the pose-free variant (examples/diff3r/pose_free.py)
+        return pose_free.PoseFreeModel(**m)
     return Diff3RModel(**m)
 
 
@@ -279,7 +282,11 @@ def train(cfg: DictConfig) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg.lr))
     warmup = max(1, int(cfg.get("lr_warmup", 0)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    layer = build_layer(cfg.tto, mode.backward) if mode.through_layer else None
+    is_pose_free = pose_free.is_pose_free(cfg.model)  # poses in θ, cameras in the first context view's frame
+    if is_pose_free and mode.through_layer:
+        layer = pose_free.build_layer(cfg.tto, mode.backward, float(cfg.model.tto_pose_lr))
+    else:
+        layer = build_layer(cfg.tto, mode.backward) if mode.through_layer else None
     lam = "predicted" if mode.lam == "predicted" else OmegaConf.to_container(cfg.model.lam_init, resolve=True)
 
     lpips_module = None
@@ -338,8 +345,11 @@ def train(cfg: DictConfig) -> dict:
             indices, epoch = batch_indices(len(dataset), int(cfg.batch_size) * dctx.world, int(cfg.seed), step)
             indices = dctx.shard(indices)
             batch = fetch_batch(dataset, indices, epoch, device)
+            if is_pose_free:
+                batch = pose_free.first_view_frame(batch)
             context_images = augment_context(batch["context_images"], cfg.get("augment"), int(cfg.seed), step)
-            out = run_pipeline(model, batch, layer, lam=lam, context_images=context_images)
+            out = (pose_free.run_pipeline if is_pose_free else run_pipeline)(model, batch, layer, lam=lam,
+                                                                             context_images=context_images)
             target = batch["target_images"]
             loss = float(cfg.loss.mse) * F.mse_loss(out.render, target)
             theta0_weight = float(cfg.loss.get("theta0", 0.0))

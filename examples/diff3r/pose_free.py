@@ -1,0 +1,398 @@
+"""The pose-free Diff3R variant: unposed context views → depth, relative poses,
+pixel-aligned Gaussians in the first view's frame, and Λ for Gaussians *and* poses.
+
+It shares nothing with the pose-given encoder (``model.py``) but the TTO layer: no
+cost volume (there are no poses to sweep with), its own CNNs, and the cameras are
+part of what the layer refines.
+
+Model (every step differentiable):
+
+1. **Features.** A per-view CNN (two scales) maps each image to ``[F, H, W]``.
+2. **Pose head.** For each view ``v ≥ 1``, a strided CNN over ``[image_0, f_0,
+   image_v, f_v]``, global average pooling and a linear layer give the twist
+   ``ξ_v [6]`` (translation, rotation) of the world-to-camera pose of ``v`` in the
+   first view's frame (``T_v = exp(ξ_v)``, :mod:`difftto.problems.splatting.se3`)
+   and a Λ for that camera. View 0 is the frame: ``ξ_0 = 0``, masked out of the TTO
+   data term (``pose_mask``), so it never moves.
+3. **Depth and Gaussian heads.** A CNN over ``[image_v, f_v, f_0, mean_u f_u]``
+   predicts per pixel an inverse depth in ``[1/far, 1/near]`` (sigmoid), a sub-pixel
+   offset, scale, rotation, opacity, color and one Λ per Gaussian group. The pixel's
+   point ``depth · K⁻¹(pixel + offset)`` in camera ``v`` is carried into the first
+   view's frame by ``exp(−ξ_v)`` (the inverse pose), so the means depend on the pose
+   head too.
+
+Parameters ``θ`` of the layer: the five Gaussian groups of ``model.py`` plus
+``pose [B, V, 6]``; problem ``gaussian_splatting_posed`` with identity base cameras.
+The pose head's ``ξ`` is the poses' Θ0, so the outer loss reaches the pose head
+through the layer's ``∂L/∂θ0 = Λ ⊙ u`` (and through the means).
+
+The pipeline works in the first context view's frame: :func:`first_view_frame`
+re-expresses a batch's cameras there (targets are rendered from their ground-truth
+pose relative to context view 0 during training; at evaluation
+:mod:`examples.diff3r.pose_alignment` optimizes them against the frozen Gaussians).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import difftto
+from difftto.problems.splatting import rasterize
+from difftto.problems.splatting.se3 import se3_exp
+
+__all__ = [
+    "GROUPS",
+    "PoseFreeModel",
+    "PoseFreeOutput",
+    "build_layer",
+    "constant_lam",
+    "context_data",
+    "first_view_frame",
+    "gaussians_only",
+    "is_pose_free",
+    "run_pipeline",
+]
+
+#: Λ groups: the Gaussian groups (one Λ per Gaussian) and the poses (one Λ per camera).
+GAUSSIAN_GROUPS = ("means", "log_scales", "quats", "opacities", "colors")
+GROUPS = (*GAUSSIAN_GROUPS, "pose")
+_HEAD = {"depth": 1, "offset": 2, "scale": 3, "quat": 4, "opacity": 1, "color": 3, "lam": len(GAUSSIAN_GROUPS)}
+_SOFTPLUS_ONE = math.log(math.e - 1.0)
+
+
+def is_pose_free(model_cfg: Any) -> bool:
+    """Whether a ``model`` config selects this variant (``name: pose_free``)."""
+    get = model_cfg.get if isinstance(model_cfg, Mapping) or hasattr(model_cfg, "get") else None
+    return get is not None and get("name", None) == "pose_free"
+
+
+@dataclass
+class PoseFreeOutput:
+    """Prediction for ``B`` scenes of ``V`` unposed context views.
+
+    Attributes:
+        theta: the Gaussian groups (``N = V·H·W``, in the first view's frame) and
+            ``pose [B, V, 6]`` (twists of the world-to-camera poses; ``pose[:, 0] = 0``).
+        lam: Λ by group: ``[B, N]`` per Gaussian group, ``pose [B, V]``.
+        depth: z-depth ``[B, V, H, W]`` in each view's camera.
+    """
+
+    theta: dict[str, Tensor]
+    lam: dict[str, Tensor]
+    depth: Tensor
+
+    @property
+    def viewmats(self) -> Tensor:
+        """Predicted world-to-camera matrices ``[B, V, 4, 4]`` (first view's frame)."""
+        return se3_exp(self.theta["pose"])
+
+
+class _Block(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.a = nn.Conv2d(channels, channels, 3, padding=1)
+        self.b = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.b(F.silu(self.a(F.silu(x))))
+
+
+class _Encoder(nn.Module):
+    """``[M, 3, H, W]`` → ``[M, F, H, W]``: a full-resolution path and a quarter-resolution context path."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 5, padding=2)
+        self.block = _Block(channels)
+        self.low = nn.Sequential(nn.Conv2d(channels, channels, 4, stride=4), _Block(channels))
+        self.fuse = nn.Conv2d(2 * channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block(self.stem(x))
+        low = F.interpolate(self.low(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([x, low], dim=1))
+
+
+class PoseFreeModel(nn.Module):
+    """Unposed context views (intrinsics known) → Gaussians, poses and Λ.
+
+    Args:
+        feature_channels, hidden_channels: CNN widths.
+        scale_min, scale_max, scale_init: Gaussian scale range / start, in pixel footprints.
+        opacity_init: initial opacity.
+        lam_init: initial Λ by group (a dict with the keys of :data:`GROUPS`, or a number).
+        lam_min: floor added to Λ.
+        pose_translation, pose_rotation: the pose head's output scales (translation in
+            scene units, rotation in radians per unit of the raw output).
+        tto_pose_lr: the inner Adam/GD learning rate of the pose group (read by
+            :func:`build_layer`; kept here because it belongs to this model's θ).
+        name: ``"pose_free"`` (the config's selector; ignored).
+    """
+
+    def __init__(
+        self,
+        feature_channels: int = 24,
+        hidden_channels: int = 32,
+        scale_min: float = 0.5,
+        scale_max: float = 4.0,
+        scale_init: float = 1.0,
+        opacity_init: float = 0.9,
+        lam_init: float | Mapping[str, float] = 1.0,
+        lam_min: float = 1e-4,
+        pose_translation: float = 1.0,
+        pose_rotation: float = 0.3,
+        tto_pose_lr: float = 3e-3,
+        name: str = "pose_free",
+    ):
+        super().__init__()
+        if not 0 < scale_min < scale_init < scale_max:
+            raise ValueError(f"scale_min, scale_init, scale_max: expected 0 < scale_min < scale_init < scale_max, "
+                             f"got {scale_min}, {scale_init}, {scale_max}")
+        if not 0 < opacity_init < 1:
+            raise ValueError(f"opacity_init: expected a value in (0, 1), got {opacity_init}")
+        if isinstance(lam_init, Mapping):
+            missing = set(GROUPS) - set(lam_init)
+            if missing:
+                raise ValueError(f"lam_init: missing groups {sorted(missing)}; expected keys {list(GROUPS)}")
+            values = [float(lam_init[g]) for g in GROUPS]
+        else:
+            values = [float(lam_init)] * len(GROUPS)
+        if min(values) <= 0:
+            raise ValueError(f"lam_init: expected values > 0, got {values}")
+        self.scale_min, self.scale_max = float(scale_min), float(scale_max)
+        self.lam_min = float(lam_min)
+        self.tto_pose_lr = float(tto_pose_lr)
+        self.register_buffer("lam_init", torch.tensor(values), persistent=False)
+        self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
+                             persistent=False)
+        f, h = feature_channels, hidden_channels
+        self.encoder = _Encoder(f)
+        self.pose_net = nn.Sequential(
+            nn.Conv2d(2 * (3 + f), h, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(h, h, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(h, h, 3, padding=1), nn.SiLU(),
+        )
+        self.pose_out = nn.Linear(h, 7)  # twist (6) and the camera's Λ (1)
+        self.head = nn.Sequential(nn.Conv2d(3 + 3 * f, h, 3, padding=1), _Block(h), nn.SiLU(),
+                                  nn.Conv2d(h, sum(_HEAD.values()), 3, padding=1))
+        self._init_outputs(scale_init, opacity_init)
+
+    def _init_outputs(self, scale_init: float, opacity_init: float) -> None:
+        last = self.head[-1]
+        nn.init.normal_(last.weight, std=1e-3)
+        bias = torch.zeros(last.out_channels)
+        sl = self._slices()
+        frac = (scale_init - self.scale_min) / (self.scale_max - self.scale_min)
+        bias[sl["scale"]] = math.log(frac / (1 - frac))
+        bias[sl["opacity"]] = math.log(opacity_init / (1 - opacity_init))
+        bias[sl["lam"]] = _SOFTPLUS_ONE
+        with torch.no_grad():
+            last.bias.copy_(bias)
+        nn.init.normal_(self.pose_out.weight, std=1e-3)
+        with torch.no_grad():
+            self.pose_out.bias.zero_()
+            self.pose_out.bias[6] = _SOFTPLUS_ONE
+
+    @staticmethod
+    def _slices() -> dict[str, slice]:
+        out, start = {}, 0
+        for name, n in _HEAD.items():
+            out[name] = slice(start, start + n)
+            start += n
+        return out
+
+    def forward(self, images: Tensor, intrinsics: Tensor, near: Tensor, far: Tensor) -> PoseFreeOutput:
+        """Predict Gaussians, poses and Λ.
+
+        Args:
+            images: context images ``[B, V, 3, H, W]`` in ``[0, 1]``, ``V ≥ 2``.
+            intrinsics: normalized intrinsics ``[B, V, 3, 3]``.
+            near, far: depth bounds ``[B, V]``.
+        """
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise ValueError(f"images: expected [B, V, 3, H, W], got {list(images.shape)}")
+        B, V, _, H, W = images.shape
+        if V < 2:
+            raise ValueError(f"images: expected V >= 2 context views, got V = {V}")
+        for name, t, shape in (("intrinsics", intrinsics, (B, V, 3, 3)), ("near", near, (B, V)), ("far", far, (B, V))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+        K = intrinsics * intrinsics.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)
+        feats = self.encoder(images.flatten(0, 1)).unflatten(0, (B, V))  # [B, V, F, H, W]
+
+        # Poses of views 1..V-1 relative to view 0.
+        first = torch.cat([images[:, :1], feats[:, :1]], dim=2).expand(B, V - 1, -1, H, W)
+        others = torch.cat([images[:, 1:], feats[:, 1:]], dim=2)
+        pooled = self.pose_net(torch.cat([first, others], dim=2).flatten(0, 1)).mean(dim=(-1, -2))
+        raw = self.pose_out(pooled).unflatten(0, (B, V - 1))  # [B, V-1, 7]
+        pose = torch.cat([raw.new_zeros(B, 1, 6), raw[..., :6] * self.pose_scale], dim=1)  # [B, V, 6]
+        lam_pose = F.softplus(raw[..., 6]) * self.lam_init[-1] + self.lam_min
+        lam_pose = torch.cat([torch.full_like(lam_pose[:, :1], float(self.lam_init[-1])), lam_pose], dim=1)
+
+        # Per-pixel heads.
+        ctx = torch.cat([feats[:, :1].expand(B, V, -1, H, W), feats.mean(dim=1, keepdim=True).expand(B, V, -1, H, W)],
+                        dim=2)
+        out = self.head(torch.cat([images, feats, ctx], dim=2).flatten(0, 1))
+        out = out.unflatten(0, (B, V)).permute(0, 1, 3, 4, 2)  # [B, V, H, W, C]
+        sl = self._slices()
+        inv_near, inv_far = (1.0 / near)[..., None, None], (1.0 / far)[..., None, None]
+        inv_depth = inv_far + (inv_near - inv_far) * torch.sigmoid(out[..., sl["depth"]][..., 0])
+        depth = 1.0 / inv_depth  # [B, V, H, W]
+
+        v_idx, u_idx = torch.meshgrid(torch.arange(H, dtype=images.dtype, device=images.device) + 0.5,
+                                      torch.arange(W, dtype=images.dtype, device=images.device) + 0.5, indexing="ij")
+        pix = torch.stack([u_idx, v_idx], dim=-1) + torch.sigmoid(out[..., sl["offset"]]) - 0.5  # [B, V, H, W, 2]
+        pix = torch.cat([pix, torch.ones_like(pix[..., :1])], dim=-1)
+        cam = pix @ torch.linalg.inv(K)[:, :, None].transpose(-1, -2) * depth[..., None]  # camera v, z = depth
+        c2w = se3_exp(-pose)  # [B, V, 4, 4]: camera v → first view's frame
+        means = cam @ c2w[:, :, None, :3, :3].transpose(-1, -2) + c2w[:, :, None, None, :3, 3]
+
+        focal = K[..., 0, 0][..., None, None]
+        multiple = self.scale_min + (self.scale_max - self.scale_min) * torch.sigmoid(out[..., sl["scale"]])
+        log_scales = torch.log(multiple * (depth / focal)[..., None])
+        quats = out[..., sl["quat"]] + out.new_tensor([1.0, 0.0, 0.0, 0.0])
+        colors = images.permute(0, 1, 3, 4, 2) + out[..., sl["color"]]
+        lam_raw = F.softplus(out[..., sl["lam"]]) * self.lam_init[:-1] + self.lam_min
+
+        def flat(x: Tensor) -> Tensor:
+            return x.reshape(B, V * H * W, *x.shape[4:])
+
+        theta = {"means": flat(means), "log_scales": flat(log_scales), "quats": flat(quats),
+                 "opacities": flat(out[..., sl["opacity"]][..., 0]), "colors": flat(colors), "pose": pose}
+        lam = {g: flat(lam_raw[..., i]) for i, g in enumerate(GAUSSIAN_GROUPS)}
+        lam["pose"] = lam_pose
+        return PoseFreeOutput(theta, lam, depth)
+
+
+# ----------------------------------------------------------------------- pipeline
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _by_group(value: Any, name: str, pose_value: float) -> float | dict[str, float]:
+    if isinstance(value, (int, float)):
+        return {**{g: float(value) for g in GAUSSIAN_GROUPS}, "pose": float(pose_value)}
+    try:
+        out = {g: float(value[g]) for g in GAUSSIAN_GROUPS}
+    except (KeyError, TypeError):
+        raise ValueError(f"{name}: expected a number or a dict with keys {list(GAUSSIAN_GROUPS)}, "
+                         f"got {value!r}") from None
+    out["pose"] = float(value["pose"]) if "pose" in value else float(pose_value)
+    return out
+
+
+def build_layer(tto: Any, backward: str = "implicit", pose_lr: float = 3e-3) -> difftto.ImplicitLayer:
+    """The TTO layer on ``gaussian_splatting_posed``: the same ``tto`` config as the
+    pose-given model's (``conf/tto/*.yaml``), the pose group's learning rate
+    ``pose_lr`` (or ``tto.lr.pose`` when given)."""
+    name = _get(tto, "inner", "adam")
+    steps = int(_get(tto, "steps", 20))
+    if name == "adam":
+        betas = tuple(float(b) for b in _get(tto, "betas", (0.9, 0.999)))
+        inner = difftto.Adam(lr=_by_group(_get(tto, "lr"), "tto.lr", pose_lr), steps=steps, betas=betas)
+    elif name == "gd":
+        inner = difftto.GradientDescent(lr=_by_group(_get(tto, "lr"), "tto.lr", pose_lr), steps=steps)
+    elif name == "gauss_newton":
+        inner = difftto.GaussNewton(steps=steps, damping=float(_get(tto, "damping", 1e-3)))
+    else:
+        raise ValueError(f"tto.inner: expected one of ('adam', 'gd', 'gauss_newton'), got {name!r}")
+    solver = difftto.solvers.PCG(rtol=float(_get(tto, "pcg_rtol", 1e-3)), max_iter=int(_get(tto, "pcg_max_iter", 10)))
+    return difftto.ImplicitLayer("gaussian_splatting_posed", inner=inner, backward=backward,
+                                 hessian=_get(tto, "hessian", "gauss_newton"), solver=solver,
+                                 on_failure=_get(tto, "on_failure", "best"), truncate=int(_get(tto, "truncate", 5)))
+
+
+def _invert(T: Tensor) -> Tensor:
+    R, t = T[..., :3, :3], T[..., :3, 3:]
+    out = torch.zeros_like(T)
+    out[..., :3, :3] = R.transpose(-1, -2)
+    out[..., :3, 3:] = -R.transpose(-1, -2) @ t
+    out[..., 3, 3] = 1
+    return out
+
+
+def first_view_frame(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch with every ``*_extrinsics`` (camera-to-world) re-expressed in the
+    first context camera's frame: ``c2w ← c2w_ctx0⁻¹ · c2w`` (context 0 becomes the
+    identity). Other entries are kept."""
+    out = dict(batch)
+    w2c0 = _invert(batch["context_extrinsics"][:, :1])  # [B, 1, 4, 4]
+    for key in [k for k in batch if k.endswith("_extrinsics")]:
+        out[key] = w2c0 @ batch[key]
+    return out
+
+
+def gaussians_only(theta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``theta`` without its ``pose`` group."""
+    return {k: v for k, v in theta.items() if k != "pose"}
+
+
+def context_data(pred: PoseFreeOutput, batch: Mapping[str, Tensor], images: Tensor | None = None) -> dict:
+    """``gaussian_splatting_posed`` data: identity base cameras (the whole pose is in θ),
+    pixel intrinsics, the context images ``[B, V, H, W, 3]`` and ``pose_mask`` (view 0 fixed)."""
+    imgs = batch["context_images"] if images is None else images
+    B, V, _, H, W = imgs.shape
+    Ks = batch["context_intrinsics"] * imgs.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)
+    mask = torch.ones(B, V, dtype=imgs.dtype, device=imgs.device)
+    mask[:, 0] = 0
+    eye = torch.eye(4, dtype=imgs.dtype, device=imgs.device).expand(B, V, 4, 4).contiguous()
+    return {"viewmats": eye, "Ks": Ks, "images": imgs.permute(0, 1, 3, 4, 2).contiguous(), "pose_mask": mask}
+
+
+def constant_lam(pred: PoseFreeOutput, value: float | Mapping[str, float]) -> dict[str, Tensor]:
+    """Λ constant per group (a number or a dict by group), shaped like the prediction's Λ."""
+    values = _by_group(value, "lam", value if isinstance(value, (int, float)) else 1.0)
+    return {g: torch.full_like(pred.lam[g].detach(), values[g]) for g in GROUPS}
+
+
+def render_targets(theta: Mapping[str, Tensor], batch: Mapping[str, Tensor], prefix: str = "target",
+                   viewmats: Tensor | None = None) -> Tensor:
+    """Render the Gaussians of ``theta`` into the ``prefix`` views (cameras of ``batch``,
+    already in the first view's frame, or ``viewmats``): ``[B, V, 3, H, W]``."""
+    images = batch[f"{prefix}_images"]
+    H, W = images.shape[-2:]
+    Ks = batch[f"{prefix}_intrinsics"] * images.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)
+    if viewmats is None:
+        viewmats = _invert(batch[f"{prefix}_extrinsics"])
+    return rasterize(gaussians_only(theta), viewmats, Ks, int(W), int(H), backend="torch").colors.permute(0, 1, 4, 2, 3)
+
+
+@dataclass
+class PoseFreePipelineOutput:
+    """As ``pipeline.PipelineOutput``: prediction, the θ used (Θ0 or Θ*, poses included),
+    Λ, the target renders and the layer's info."""
+
+    prediction: PoseFreeOutput
+    theta: dict[str, Tensor]
+    lam: dict[str, Tensor] | None
+    render: Tensor
+    info: difftto.LayerInfo | None
+
+
+def run_pipeline(model: PoseFreeModel, batch: Mapping[str, Tensor], layer: difftto.ImplicitLayer | None = None,
+                 *, lam: str | float | Mapping[str, float] = "predicted",
+                 context_images: Tensor | None = None) -> PoseFreePipelineOutput:
+    """Predict Θ0 (Gaussians and poses) and Λ from the unposed context views, refine
+    both on the context views with ``layer`` (TTO), render the targets.
+
+    ``batch``'s cameras must be in the first context view's frame
+    (:func:`first_view_frame`); the model reads only images, intrinsics and depth
+    bounds, never the context poses."""
+    images = batch["context_images"] if context_images is None else context_images
+    pred = model(images, batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+    if layer is None:
+        return PoseFreePipelineOutput(pred, pred.theta, pred.lam, render_targets(pred.theta, batch), None)
+    weights = pred.lam if isinstance(lam, str) and lam == "predicted" else constant_lam(pred, lam)
+    theta_star, info = layer(pred.theta, weights, context_data(pred, batch, images))
+    return PoseFreePipelineOutput(pred, theta_star, weights, render_targets(theta_star, batch), info)
