@@ -24,7 +24,7 @@ from .tree import Layout
 
 __all__ = ["InnerObjective", "JVP_MODES"]
 
-JVP_MODES = ("auto", "forward", "double_vjp")
+JVP_MODES = ("auto", "forward", "double_vjp", "linearize")
 
 
 class InnerObjective:
@@ -35,12 +35,17 @@ class InnerObjective:
         layout: the parameter structure (flat ↔ structured).
         data: the problem's data (tensors may require grad; they are used as given).
         proximal: the proximal term, or ``None`` for ``E = D``.
-        jvp_mode: how ``J·v`` is formed for generic problems: ``"forward"``
-            (``torch.func.jvp``), ``"double_vjp"`` (reverse-over-reverse on one
-            retained graph; needs only double backward), ``"auto"`` (double VJP, which
-            reuses one graph and was 3-10x faster than ``torch.func.jvp`` on small
-            problems here, falling back to forward mode when an operation has no
-            double-backward rule).
+        jvp_mode: how the products with ``J`` (and ``∇²D``) are formed for generic
+            problems: ``"forward"`` (``torch.func.jvp``), ``"double_vjp"``
+            (reverse-over-reverse on one retained graph; needs only double backward),
+            ``"linearize"`` (the whole product ``JᵀJ·v`` / ``∇²D·v`` traced once per
+            linearization point with everything that does not depend on ``v``
+            precomputed, see :func:`_fold_linear_map`; falls back to ``"auto"`` where
+            the trace fails), ``"auto"`` (``"linearize"`` from
+            ``LINEARIZE_MIN_NUMEL`` unknowns in the batch on, where the one trace pays
+            for itself; below it the double VJP, which reuses one graph and was 3-10x
+            faster than ``torch.func.jvp`` on small problems here, falling back to
+            forward mode when an operation has no double-backward rule).
         diagonal_probes: random probes for the unbiased estimate of ``diag(JᵀJ)``
             (only when the problem supplies no exact diagonal); ``0`` disables it.
     """
@@ -109,9 +114,9 @@ class InnerObjective:
     def gauss_newton_operator(self, theta: Tensor, *, with_proximal: bool = True) -> LinearOperator:
         """``JᵀJ (+ diag Λ)`` at ``θ`` (detached). The problem's discrete state is frozen
         at ``θ`` for every product (:meth:`Problem.freeze`)."""
-        jvp, vjp, diag = self.jacobian_products(theta)
+        jvp, vjp, diag, product = self._jacobian_products(theta)
         gn = GaussNewtonOperator(jvp, vjp, self.layout_shape(theta), theta.dtype, theta.device,
-                                 diagonal=diag)
+                                 diagonal=diag, product=product)
         lam = self._proximal_diagonal(theta) if with_proximal else None
         if lam is None:
             return gn
@@ -127,10 +132,16 @@ class InnerObjective:
         def gradient(x):
             return torch.func.grad(lambda y: self.data_term(y, data).sum())(x)
 
-        _, hvp_fn = torch.func.vjp(gradient, theta)  # reverse-over-reverse, reused
+        hvp = None
+        if self._linearize(theta):
+            # Forward-over-reverse traced once; reverse-over-reverse where forward mode fails.
+            hvp = (_fold_linear_map(lambda v: torch.func.jvp(gradient, (theta,), (v,))[1], theta)
+                   or _fold_linear_map(lambda v: torch.func.vjp(gradient, theta)[1](v)[0], theta))
+        if hvp is None:
+            _, hvp_fn = torch.func.vjp(gradient, theta)  # reverse-over-reverse, reused
 
-        def hvp(v: Tensor) -> Tensor:
-            return hvp_fn(v)[0].detach()
+            def hvp(v: Tensor) -> Tensor:
+                return hvp_fn(v)[0].detach()
 
         def diag():
             if self.diagonal_probes <= 0:
@@ -146,6 +157,11 @@ class InnerObjective:
     def layout_shape(self, theta: Tensor) -> tuple[int, int]:
         return (theta.shape[0], theta.shape[1])
 
+    def _linearize(self, theta: Tensor) -> bool:
+        """Whether to trace the products once (``jvp_mode``, and the size for ``"auto"``)."""
+        return self.jvp_mode == "linearize" or (
+            self.jvp_mode == "auto" and theta.numel() >= LINEARIZE_MIN_NUMEL)
+
     def jacobian_products(self, theta: Tensor) -> tuple[Callable, Callable, Callable[[], Tensor | None]]:
         """``(jvp, vjp, diag)`` at ``θ`` on flat vectors; ``diag()`` computes ``diag(JᵀJ)``
         (or ``None``) when first asked for.
@@ -153,6 +169,11 @@ class InnerObjective:
         Uses the problem's own :meth:`Problem.linearize` when it gives one; otherwise
         autograd on the residuals with the discrete state frozen at ``θ``.
         """
+        return self._jacobian_products(theta)[:3]
+
+    def _jacobian_products(self, theta: Tensor):
+        """``(jvp, vjp, diag, product)``: :meth:`jacobian_products` and the whole
+        ``JᵀJ·v`` as one function where it is formed at once (``None``: ``vjp(jvp(v))``)."""
         if not self.problem.is_least_squares:
             raise ValueError(
                 f"hessian='gauss_newton' needs a least-squares problem (residuals()); "
@@ -163,7 +184,7 @@ class InnerObjective:
         data = self.problem.freeze(structured, self.data)
         lin = self.problem.linearize(structured, data)
         if lin is not None:
-            return self._wrap_linearization(lin, theta)
+            return (*self._wrap_linearization(lin, theta), None)
         return self._autograd_products(theta, data)
 
     def _wrap_linearization(self, lin: Linearization, theta: Tensor):
@@ -223,7 +244,14 @@ class InnerObjective:
                         state["mode"] = forward_jvp
                 return state["mode"](v)
 
-        return jvp, vjp, lambda: self._gauss_newton_diagonal(jvp, vjp, theta, r.shape)
+        product = None
+        if self._linearize(theta):
+            def gauss_newton(v):
+                return torch.func.vjp(residual_fn, theta)[1](
+                    torch.func.jvp(residual_fn, (theta,), (v,))[1])[0]
+
+            product = _fold_linear_map(gauss_newton, theta)
+        return jvp, vjp, lambda: self._gauss_newton_diagonal(jvp, vjp, theta, r.shape), product
 
     def _gauss_newton_diagonal(self, jvp, vjp, theta: Tensor, residual_shape) -> Tensor | None:
         """``diag(JᵀJ)``: exact from ``n`` products ``‖J e_j‖²`` when ``n`` is at most the
@@ -249,3 +277,162 @@ def _probe_diagonal(sample: Callable[[Tensor], Tensor], theta: Tensor, probes: i
         z = torch.randint(0, 2, tuple(probe_shape), generator=gen).to(theta.device, theta.dtype)
         acc += sample(2 * z - 1)
     return acc / probes
+
+
+# --------------------------------------------------------------- linearize once
+# A product with J, Jᵀ, JᵀJ or ∇²D at a fixed θ through torch.func re-runs the primal
+# computation (tanh θ, the rasterizer's geometry, ...) and the autograd bookkeeping on
+# every call; PCG makes tens to hundreds of calls at one θ. ``_fold_linear_map`` traces
+# the product once with ``make_fx`` (θ and the data are constants of the trace),
+# evaluates every node that does not depend on the vector once, and keeps a graph of the
+# rest: each product then runs only the vector-dependent operations.
+
+LINEARIZE_MIN_NUMEL = 10_000  # below this the trace (tens of ms) costs more than it saves
+
+
+def _is_mutating(node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _simplify(graph) -> None:
+    """Removes the no-op copies forward-mode AD leaves in a trace (``expand`` to the same
+    shape, ``_to_copy`` to the same dtype/device, ``mul`` by 1) and ``slice(cat(...))``
+    that picks one piece back out. Exact: every rewrite returns the same values."""
+    aten = torch.ops.aten
+
+    def val(n):
+        return n.meta.get("val") if hasattr(n, "meta") else None
+
+    def same_tensor_meta(a, b):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device)
+
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        out = val(node)
+        repl = None
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node):
+            continue
+        if node.target is aten.expand.default and same_tensor_meta(val(src), out):
+            repl = src
+        elif (node.target is aten._to_copy.default and same_tensor_meta(val(src), out)
+              and node.kwargs.get("layout", torch.strided) == torch.strided
+              and node.kwargs.get("memory_format") is None):
+            repl = src
+        elif (node.target is aten.mul.Tensor and len(node.args) == 2
+              and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool)
+              and node.args[1] == 1 and same_tensor_meta(val(src), out)):
+            repl = src
+        elif (node.target is aten.slice.Tensor and src.op == "call_function"
+              and src.target is aten.cat.default and isinstance(out, Tensor)):
+            pieces = src.args[0]
+            cat_dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
+            dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+            whole = val(src)
+            if isinstance(whole, Tensor) and step == 1:
+                ndim = whole.dim()
+                if dim % ndim == cat_dim % ndim:
+                    offset = 0
+                    for piece in pieces:
+                        pv = val(piece)
+                        if not isinstance(pv, Tensor):
+                            break
+                        size = pv.shape[dim % ndim]
+                        if start == offset and same_tensor_meta(pv, out):
+                            repl = piece
+                            break
+                        offset += size
+        if repl is not None:
+            node.replace_all_uses_with(repl)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+
+
+def _fold_linear_map(fn: Callable[[Tensor], Tensor], like: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """``fn`` (a linear map of one tensor shaped as ``like``; everything else it reads is
+    a constant) as a folded graph, or ``None`` where it cannot be traced, mutates tensors,
+    or disagrees with ``fn`` on a check vector (e.g. an extension kernel the trace
+    cannot see would turn into a constant)."""
+    import warnings
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    if torch._C._functorch.maybe_current_level() is not None:
+        return None  # inside an outer torch.func transform: keep the eager products
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    # Fresh tensors: make_fx tells inputs from constants by identity, so the example must
+    # not be a tensor the function closes over (θ itself).
+    example, check = (torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
+                      for _ in range(2))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = make_fx(fn, tracing_mode="real")(example)
+        graph = traced.graph
+        if any(_is_mutating(n) for n in graph.nodes if n.op == "call_function"):
+            return None
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            return None
+        dependent = set(placeholders)
+        values: dict = {}
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                values[node] = getattr(traced, node.target)
+            elif node.op == "call_function":
+                if any(a in dependent for a in node.all_input_nodes):
+                    dependent.add(node)
+                else:
+                    args = torch.fx.node.map_arg(node.args, values.__getitem__)
+                    kwargs = torch.fx.node.map_arg(node.kwargs, values.__getitem__)
+                    values[node] = node.target(*args, **kwargs)
+            elif node.op not in ("placeholder", "output"):
+                return None
+        root = torch.nn.Module()
+        new = torch.fx.Graph()
+        env: dict = {}
+        consts: dict = {}
+
+        def lookup(n):
+            if n in env:
+                return env[n]
+            value = values[n]
+            if not isinstance(value, Tensor):
+                if isinstance(value, (int, float, bool, torch.dtype, torch.device)) or value is None:
+                    return value
+                raise TypeError(f"non-tensor constant {type(value).__name__}")
+            if n not in consts:
+                name = f"_folded{len(consts)}"
+                setattr(root, name, value.detach())
+                consts[n] = new.get_attr(name)
+                consts[n].meta["val"] = value
+            return consts[n]
+
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                env[node] = new.placeholder(node.target)
+                env[node].meta = dict(node.meta)
+            elif node.op == "output":
+                new.output(torch.fx.node.map_arg(node.args[0], lookup))
+            elif node in dependent:
+                env[node] = new.node_copy(node, lookup)
+        _simplify(new)
+        folded = torch.fx.GraphModule(root, new)
+        # A second vector: a product the trace did not see would show up as a constant.
+        want, got = fn(check), folded(check)
+        if not isinstance(got, Tensor) or got.shape != want.shape:
+            return None
+        scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+        tol = 1e3 * torch.finfo(want.dtype).eps
+        if not bool(((got - want).abs().max() / scale) <= tol):
+            return None
+    except Exception:  # noqa: BLE001 - any tracing failure means "keep the eager products"
+        return None
+
+    def apply(v: Tensor) -> Tensor:
+        return folded(v)
+
+    return apply

@@ -258,6 +258,8 @@ class GaussNewtonOperator(_LazyDiagonal, LinearOperator):
         shape: ``(B, n)``.
         diagonal: ``diag(JᵀJ)`` ``[B, n]`` where known (exact or estimated; it only
             preconditions), or a function computing it on first use.
+        product: ``v ↦ JᵀJ v`` formed at once (e.g. traced and folded once per
+            linearization point); ``None`` (default): ``vjp(jvp(v))``.
 
     Symmetric and positive semi-definite by construction (``semidefinite = True``),
     so ``GaussNewtonOperator + DiagonalOperator(Λ > 0)`` is positive definite.
@@ -275,12 +277,16 @@ class GaussNewtonOperator(_LazyDiagonal, LinearOperator):
         device: torch.device | str = "cpu",
         *,
         diagonal: Tensor | Callable[[], Tensor | None] | None = None,
+        product: Callable[[Tensor], Tensor] | None = None,
     ):
         super().__init__(shape, dtype, device)
         self.jvp, self.vjp = jvp, vjp
+        self._product = product
         self._set_diagonal(diagonal)
 
     def mv(self, v: Tensor) -> Tensor:
+        if self._product is not None:
+            return self._product(v)
         return self.vjp(self.jvp(v))
 
 

@@ -53,27 +53,37 @@ def default_max_iter(n: int) -> int:
 
 
 class _TorchVectorOps:
-    """The per-iteration vector updates of PCG in plain torch (any device)."""
+    """The per-iteration vector updates of PCG in plain torch (any device).
+
+    Written for few passes over memory: at large ``n`` each full-vector operation costs
+    about as much as a cheap operator product, so the masked updates zero the inactive
+    rows of the step once and add it with ``addcmul_`` (2 passes instead of the 4 of
+    ``where(active, x + α p, x)`` and a copy), and dots are one ``vecdot``."""
 
     name = "torch"
 
     @staticmethod
     def dot(a: Tensor, b: Tensor) -> Tensor:
-        return (a * b).sum(dim=1)
+        return torch.linalg.vecdot(a, b, dim=1)
 
     @staticmethod
     def update_solution(x, r, p, q, alpha, active):
         """``x += α p``; ``r −= α q`` in place, for active elements only: inactive ones
-        keep ``x`` and ``r`` whatever ``p`` and ``q`` hold (they may be non-finite)."""
+        keep ``x`` and ``r`` whatever ``p`` and ``q`` hold (they may be non-finite;
+        ``where`` selects, so no ``0 · inf`` reaches them)."""
         step = alpha[:, None]
-        x.copy_(torch.where(active[:, None], x + step * p, x))
-        r.copy_(torch.where(active[:, None], r - step * q, r))
+        mask = active[:, None]
+        x.addcmul_(step, torch.where(mask, p, 0.0))
+        r.addcmul_(step, torch.where(mask, q, 0.0), value=-1)
 
     @staticmethod
     def precondition(r, inverse_diagonal):
         """``z = M⁻¹ r`` (``inverse_diagonal=None``: identity), ``⟨r, z⟩`` and ``⟨r, r⟩``."""
-        z = r if inverse_diagonal is None else inverse_diagonal * r
-        return z, (r * z).sum(dim=1), (r * r).sum(dim=1)
+        rr = torch.linalg.vecdot(r, r, dim=1)
+        if inverse_diagonal is None:
+            return r, rr, rr
+        z = inverse_diagonal * r
+        return z, torch.linalg.vecdot(r, z, dim=1), rr
 
     @staticmethod
     def update_direction(p, z, beta):

@@ -1,0 +1,194 @@
+"""``jvp_mode="linearize"``: the Gauss-Newton and Hessian products traced once per
+linearization point, with everything independent of the vector precomputed.
+
+Oracles: the dense Jacobian / Hessian from ``torch.autograd.functional`` and the eager
+products of the other ``jvp_mode`` values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import difftto
+import difftto.objective as objective_module
+from difftto.objective import InnerObjective, _fold_linear_map
+from difftto.regularizers import Proximal
+from difftto.tree import Layout
+
+
+class _Coupled(difftto.Problem):
+    """Elementwise nonlinearity, a neighbour coupling and a dense mixing: the shapes of
+    residual a trace has to get right (``cat``, slices, broadcasting, a matmul)."""
+
+    def residuals(self, theta, data):
+        fit = data["w"] * (torch.tanh(theta) - data["y"])
+        smooth = data["s"] * (theta[:, 1:] - theta[:, :-1])
+        mixed = torch.sin(torch.einsum("bmn,bn->bm", data["A"], theta))
+        return torch.cat([fit, smooth, mixed], dim=-1)
+
+
+class _Split(difftto.Problem):
+    """Dict parameters with a product between groups."""
+
+    def residuals(self, theta, data):
+        a, b = theta["a"], theta["b"]
+        return torch.cat([a * b.sum(dim=-1, keepdim=True) - data["y"], torch.exp(0.3 * b) - 1], -1)
+
+
+cases = st.fixed_dictionaries({
+    "batch": st.integers(1, 3),
+    "n": st.integers(2, 9),
+    "m": st.integers(1, 4),
+    "dtype": st.sampled_from([torch.float32, torch.float64]),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+def _setup(case):
+    g = torch.Generator().manual_seed(case["seed"])
+    b, n, m, dt = case["batch"], case["n"], case["m"], case["dtype"]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt)
+
+    data = {"w": 0.5 + rnd(b, n).abs(), "y": 0.5 * rnd(b, n), "s": 0.7, "A": rnd(b, m, n)}
+    theta = rnd(b, n)
+    lam = 0.1 + rnd(b, n).abs()
+    return data, theta, lam
+
+
+def _objective(problem, theta, lam, data, mode):
+    return InnerObjective(problem, Layout.of(theta), data, Proximal(theta, lam), jvp_mode=mode)
+
+
+def _dense_jacobian(problem, theta, data):
+    """``[B, m, n]`` by ``torch.autograd.functional.jacobian`` per batch element."""
+    rows = []
+    for i in range(theta.shape[0]):
+        local = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
+        jac = torch.autograd.functional.jacobian(
+            lambda t: problem.residuals(t, local).reshape(-1), theta[i:i + 1])
+        rows.append(jac.reshape(jac.shape[0], -1))
+    return torch.stack(rows)
+
+
+def _tol(dtype):
+    return {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+
+
+@settings(max_examples=12)  # each example traces (~0.1 s)
+@given(cases)
+def test_linearized_gauss_newton_product_equals_dense_jtj(case):
+    data, theta, lam = _setup(case)
+    problem = _Coupled()
+    op = _objective(problem, theta, lam, data, "linearize").gauss_newton_operator(theta)
+    assert op.a._product is not None, "the product was not traced"
+    jac = _dense_jacobian(problem, theta, data)
+    dense = jac.transpose(1, 2) @ jac + torch.diag_embed(lam)
+    v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(case["seed"] + 1),
+                    dtype=torch.float64).to(theta.dtype)
+    torch.testing.assert_close(op.mv(v), (dense @ v[..., None])[..., 0], **_tol(theta.dtype))
+    # The same operator through the eager products.
+    eager = _objective(problem, theta, lam, data, "forward").gauss_newton_operator(theta)
+    torch.testing.assert_close(op.mv(v), eager.mv(v), **_tol(theta.dtype))
+
+
+@settings(max_examples=12)
+@given(cases)
+def test_linearized_hessian_product_equals_dense_hessian(case):
+    data, theta, lam = _setup(case)
+    problem = _Coupled()
+    obj = _objective(problem, theta, lam, data, "linearize")
+    op = obj.hessian_operator(theta)
+    assert op.a._hvp.__qualname__.startswith("_fold_linear_map"), "the product was not traced"
+    v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(case["seed"] + 2),
+                    dtype=torch.float64).to(theta.dtype)
+    want = []
+    for i in range(theta.shape[0]):
+        local = {k: (x[i:i + 1] if isinstance(x, torch.Tensor) else x) for k, x in data.items()}
+        hess = torch.autograd.functional.hessian(
+            lambda t: problem.objective(t[None], local).sum(), theta[i])
+        want.append(hess @ v[i] + lam[i] * v[i])
+    torch.testing.assert_close(op.mv(v), torch.stack(want), **_tol(theta.dtype))
+
+
+def test_linearize_handles_dict_parameters():
+    g = torch.Generator().manual_seed(3)
+    theta = {"a": torch.randn(2, 4, generator=g, dtype=torch.float64),
+             "b": torch.randn(2, 3, generator=g, dtype=torch.float64)}
+    data = {"y": torch.randn(2, 4, generator=g, dtype=torch.float64)}
+    layout = Layout.of(theta)
+    flat = layout.flatten(theta)
+    problem = _Split()
+    ops = {mode: InnerObjective(problem, layout, data, None, jvp_mode=mode).gauss_newton_operator(flat)
+           for mode in ("linearize", "double_vjp")}
+    assert ops["linearize"]._product is not None
+    v = torch.randn(flat.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ops["linearize"].mv(v), ops["double_vjp"].mv(v), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("hessian", ["gauss_newton", "exact"])
+def test_layer_gradients_agree_across_jvp_modes(hessian):
+    data, theta0, lam = _setup({"batch": 2, "n": 6, "m": 3, "dtype": torch.float64, "seed": 11})
+    grads = {}
+    for mode in ("linearize", "forward", "double_vjp"):
+        layer = difftto.ImplicitLayer(
+            _Coupled(), inner=difftto.GaussNewton(steps=30, damping=1e-3, tol=1e-12),
+            hessian=hessian, jvp_mode=mode, solver=difftto.solvers.PCG(rtol=1e-12),
+            on_failure="raise")
+        t0, lm = theta0.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+        star, info = layer(t0, lm, data)
+        (star.pow(2).sum() + star[:, 0].sum()).backward()
+        grads[mode] = (t0.grad, lm.grad)
+    for mode in ("forward", "double_vjp"):
+        for a, b in zip(grads["linearize"], grads[mode]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_auto_linearizes_from_the_size_threshold(monkeypatch):
+    data, theta, lam = _setup({"batch": 1, "n": 5, "m": 2, "dtype": torch.float64, "seed": 5})
+    problem = _Coupled()
+    small = _objective(problem, theta, lam, data, "auto").gauss_newton_operator(theta)
+    assert small.a._product is None  # below the threshold: the eager products
+    monkeypatch.setattr(objective_module, "LINEARIZE_MIN_NUMEL", 1)
+    big = _objective(problem, theta, lam, data, "auto").gauss_newton_operator(theta)
+    assert big.a._product is not None
+    v = torch.ones_like(theta)
+    torch.testing.assert_close(big.mv(v), small.mv(v), rtol=1e-12, atol=1e-12)
+
+
+def test_fold_refuses_what_the_trace_cannot_see():
+    # A product through numpy: the trace would record its output as a constant. The check
+    # on a second vector catches it and the caller keeps the eager products.
+    scale = torch.linspace(1, 2, 6, dtype=torch.float64)[None]
+
+    def opaque(v):
+        return torch.from_numpy(np.asarray(v.detach().numpy()) * 2.0) * scale
+
+    assert _fold_linear_map(opaque, scale) is None
+    assert _fold_linear_map(lambda v: 2.0 * v * scale, scale) is not None
+
+
+def test_fold_refuses_mutation():
+    def mutating(v):
+        out = v * 3.0
+        out.add_(1.0)
+        return out
+
+    assert _fold_linear_map(mutating, torch.ones(1, 4)) is None
+
+
+def test_linearize_inside_a_torch_func_transform_keeps_eager_products():
+    # Under an outer torch.func transform the products stay eager (and still correct).
+    data, theta, lam = _setup({"batch": 1, "n": 4, "m": 2, "dtype": torch.float64, "seed": 9})
+    problem = _Coupled()
+
+    def product(t):
+        op = _objective(problem, t, lam, data, "linearize").gauss_newton_operator(t)
+        return op.mv(torch.ones_like(t)).sum()
+
+    g = torch.func.grad(product)(theta)
+    assert torch.isfinite(g).all()
