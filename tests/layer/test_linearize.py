@@ -70,7 +70,7 @@ def _dense_jacobian(problem, theta, data):
     for i in range(theta.shape[0]):
         local = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in data.items()}
         jac = torch.autograd.functional.jacobian(
-            lambda t: problem.residuals(t, local).reshape(-1), theta[i:i + 1])
+            lambda t, local=local: problem.residuals(t, local).reshape(-1), theta[i:i + 1])
         rows.append(jac.reshape(jac.shape[0], -1))
     return torch.stack(rows)
 
@@ -110,7 +110,7 @@ def test_linearized_hessian_product_equals_dense_hessian(case):
     for i in range(theta.shape[0]):
         local = {k: (x[i:i + 1] if isinstance(x, torch.Tensor) else x) for k, x in data.items()}
         hess = torch.autograd.functional.hessian(
-            lambda t: problem.objective(t[None], local).sum(), theta[i])
+            lambda t, local=local: problem.objective(t[None], local).sum(), theta[i])
         want.append(hess @ v[i] + lam[i] * v[i])
     torch.testing.assert_close(op.mv(v), torch.stack(want), **_tol(theta.dtype))
 
