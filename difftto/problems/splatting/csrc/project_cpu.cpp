@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -279,7 +280,7 @@ void project_backward_impl(const T* means, const T* log_scales, const T* quats, 
       T g_logit = 0;
       std::fill(gm, gm + 3, T(0));
       if (!colors_per_camera) std::fill(g_colors + e * D, g_colors + (e + 1) * D, T(0));
-      bool any = false;
+      std::optional<Shape<T>> shape;  // made once, for the first camera that saw the Gaussian
       for (int64_t c = 0; c < C; ++c) {
         const int64_t bc = b * C + c, id = bc * N + n;
         const T* g = grad_feats + id * F;
@@ -294,16 +295,14 @@ void project_backward_impl(const T* means, const T* log_scales, const T* quats, 
           if (vg != nullptr) std::fill(vg, vg + 12, T(0));
           continue;
         }
-        any = true;
-        const Shape<T> sh(quats + 4 * e, log_scales + 3 * e);
-        const View<T> vw(sh, means + 3 * e, viewmats + 16 * bc, Ks + 9 * bc, eps2d, near, far, width, height);
-        project_view_backward(sh, vw, means + 3 * e, g, D, gm, g_M, vg);
+        if (!shape.has_value()) shape.emplace(quats + 4 * e, log_scales + 3 * e);
+        const View<T> vw(*shape, means + 3 * e, viewmats + 16 * bc, Ks + 9 * bc, eps2d, near, far, width, height);
+        project_view_backward(*shape, vw, means + 3 * e, g, D, gm, g_M, vg);
       }
       // d logsigmoid(x) / dx = sigmoid(-x)
       g_opacities[e] = g_logit / (T(1) + std::exp(opacities[e]));
-      if (any) {
-        const Shape<T> sh(quats + 4 * e, log_scales + 3 * e);
-        shape_backward(sh, g_M, log_scales + 3 * e, g_log_scales + 3 * e, g_quats + 4 * e);
+      if (shape.has_value()) {
+        shape_backward(*shape, g_M, log_scales + 3 * e, g_log_scales + 3 * e, g_quats + 4 * e);
       } else {
         std::fill(g_log_scales + 3 * e, g_log_scales + 3 * e + 3, T(0));
         std::fill(g_quats + 4 * e, g_quats + 4 * e + 4, T(0));
