@@ -32,7 +32,10 @@ feed-forward 3DGS conventions:
 - ``colors``: the input pixel color + ``h`` (the DC term starts at the pixel).
 - **Λ** per group ``g``: ``lam_init[g] · softplus(h_g) + lam_min``; the head's bias
   starts at ``b`` with ``softplus(b) = 1`` (and its weights near zero), so Λ starts
-  near ``lam_init``.
+  near ``lam_init``. With ``lam_log_range = r > 0`` instead
+  ``lam_init[g] · exp(r · tanh(h_g)) + lam_min``: Λ stays within a factor ``e^r`` of
+  ``lam_init`` (bias 0), so the network cannot drive Λ to where the inner
+  optimizer no longer converges in its step budget.
 """
 
 from __future__ import annotations
@@ -131,6 +134,9 @@ class Diff3RModel(nn.Module):
         lam_init: initial Λ by group (a number for all groups, or a dict by group);
             Λ is ``lam_init · softplus(head) + lam_min``, the head starting at ``softplus = 1``.
         lam_min: a floor added to Λ (keeps the backward system positive definite).
+        lam_log_range: ``0`` (default): ``Λ = lam_init · softplus(h) + lam_min``, unbounded
+            above; ``r > 0``: ``Λ = lam_init · exp(r · tanh(h)) + lam_min``, within a factor
+            ``e^r`` of ``lam_init``.
         depth_refine: the largest factor ``exp(±depth_refine)`` the head may apply to
             the cost-volume inverse depth.
     """
@@ -147,6 +153,7 @@ class Diff3RModel(nn.Module):
         lam_init: float | Mapping[str, float] = 1.0,
         lam_min: float = 1e-4,
         depth_refine: float = 0.3,
+        lam_log_range: float = 0.0,
     ):
         super().__init__()
         if not 0 < scale_min < scale_init < scale_max:
@@ -170,6 +177,9 @@ class Diff3RModel(nn.Module):
         self.scale_min, self.scale_max = float(scale_min), float(scale_max)
         self.depth_candidates = int(depth_candidates)
         self.lam_min = float(lam_min)
+        if lam_log_range < 0:
+            raise ValueError(f"lam_log_range: expected >= 0 (0: softplus), got {lam_log_range}")
+        self.lam_log_range = float(lam_log_range)
         self.depth_refine = float(depth_refine)
         self.register_buffer("lam_init", torch.tensor(lam_values), persistent=False)
 
@@ -188,7 +198,7 @@ class Diff3RModel(nn.Module):
         frac = (scale_init - self.scale_min) / (self.scale_max - self.scale_min)
         bias[sl["scale"]] = math.log(frac / (1 - frac))
         bias[sl["opacity"]] = math.log(opacity_init / (1 - opacity_init))
-        bias[sl["lam"]] = _SOFTPLUS_ONE
+        bias[sl["lam"]] = 0.0 if self.lam_log_range > 0 else _SOFTPLUS_ONE
         with torch.no_grad():
             last.bias.copy_(bias)
         cost_last = self.cost_refine[-1]
@@ -260,7 +270,10 @@ class Diff3RModel(nn.Module):
         log_scales = torch.log(multiple * (depth / focal)[..., None])
         quats = out[..., sl["quat"]] + out.new_tensor([1.0, 0.0, 0.0, 0.0])
         colors = images.permute(0, 1, 3, 4, 2) + out[..., sl["color"]]
-        lam_raw = F.softplus(out[..., sl["lam"]]) * self.lam_init + self.lam_min
+        if self.lam_log_range > 0:
+            lam_raw = torch.exp(self.lam_log_range * torch.tanh(out[..., sl["lam"]])) * self.lam_init + self.lam_min
+        else:
+            lam_raw = F.softplus(out[..., sl["lam"]]) * self.lam_init + self.lam_min
 
         def flat(x: Tensor) -> Tensor:
             return x.reshape(B, V * H * W, *x.shape[4:])

@@ -80,3 +80,21 @@ def test_invalid_inputs_name_the_argument(batch):
         Diff3RModel(lam_init={"means": 1.0})
     with pytest.raises(ValueError, match="scale_min"):
         Diff3RModel(scale_min=2.0, scale_init=1.0)
+
+
+def test_bounded_lambda_starts_at_lam_init_and_stays_in_its_range(batch):
+    torch.manual_seed(2)
+    init = {"means": 10.0, "log_scales": 1.0, "quats": 1.0, "opacities": 0.1, "colors": 0.1}
+    model = Diff3RModel(**TINY_MODEL, lam_init=init, lam_min=0.0, lam_log_range=1.0)
+    with torch.no_grad():
+        out = _predict(model, batch)
+        assert abs(float(out.lam["means"].mean()) / 10.0 - 1) < 0.05
+        model.head[-1].weight.normal_(std=5.0)  # saturating head outputs: Λ at the ends of its range
+        out = _predict(model, batch)
+    e = torch.e
+    for g in GROUPS:
+        lam = out.lam[g] / init[g]
+        assert float(lam.min()) >= 1 / e - 1e-5 and float(lam.max()) <= e + 1e-5
+        assert float(lam.max()) / float(lam.min()) > 2  # the range is used, not a constant
+    with pytest.raises(ValueError, match="lam_log_range"):
+        Diff3RModel(**TINY_MODEL, lam_log_range=-1.0)
