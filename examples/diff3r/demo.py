@@ -50,8 +50,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="diff3r stage: weight of the Θ0 target loss (loss.theta0; 0 = the paper's loss)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     parser.add_argument("--progress", action="store_true", help="show tqdm progress bars")
+    parser.add_argument("--model", choices=("small", "pose_free"), default="small",
+                        help="pose_free: the pose-free variant's demo (examples/diff3r/pose_free_eval.py), "
+                             "outputs in OUT/pose_free")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every training stage")
     args = parser.parse_args(argv)
+    if args.model == "pose_free":
+        from examples.diff3r.pose_free_eval import demo as pose_free_demo
+
+        return pose_free_demo(Path(args.out) / "pose_free", pretrain_steps=args.pretrain_steps, steps=args.steps,
+                              theta0_weight=args.theta0_weight, threads=args.threads, progress=args.progress,
+                              overrides=tuple(args.overrides))
     out = Path(args.out)
     started = time.perf_counter()
     common = [f"threads={args.threads}", f"progress={str(args.progress).lower()}", *args.overrides]
