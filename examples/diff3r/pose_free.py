@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 import difftto
 from difftto.problems.splatting import rasterize
-from difftto.problems.splatting.se3 import se3_exp
+from difftto.problems.splatting.se3 import se3_exp, se3_log
 
 __all__ = [
     "GROUPS",
@@ -57,6 +57,7 @@ __all__ = [
     "first_view_frame",
     "gaussians_only",
     "is_pose_free",
+    "pose_loss",
     "run_pipeline",
 ]
 
@@ -133,6 +134,8 @@ class PoseFreeModel(nn.Module):
             scene units, rotation in radians per unit of the raw output).
         tto_pose_lr: the inner Adam/GD learning rate of the pose group (read by
             :func:`build_layer`; kept here because it belongs to this model's θ).
+        pose_supervision: weight of an optional training term on the predicted context
+            poses (:func:`pose_loss`, read by ``train.py``; 0: photometric losses only).
         name: ``"pose_free"`` (the config's selector; ignored).
     """
 
@@ -149,6 +152,7 @@ class PoseFreeModel(nn.Module):
         pose_translation: float = 1.0,
         pose_rotation: float = 0.3,
         tto_pose_lr: float = 3e-3,
+        pose_supervision: float = 0.0,
         name: str = "pose_free",
     ):
         super().__init__()
@@ -169,6 +173,7 @@ class PoseFreeModel(nn.Module):
         self.scale_min, self.scale_max = float(scale_min), float(scale_max)
         self.lam_min = float(lam_min)
         self.tto_pose_lr = float(tto_pose_lr)
+        self.pose_supervision = float(pose_supervision)
         self.register_buffer("lam_init", torch.tensor(values), persistent=False)
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
                              persistent=False)
@@ -331,6 +336,14 @@ def first_view_frame(batch: Mapping[str, Any]) -> dict[str, Any]:
     for key in [k for k in batch if k.endswith("_extrinsics")]:
         out[key] = w2c0 @ batch[key]
     return out
+
+
+def pose_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> Tensor:
+    """Mean squared twist error of the predicted context poses ``1..V-1`` against the
+    batch's (first-view-frame) ones: ``‖log(T_pred · T_true⁻¹)‖²``, a scalar."""
+    true_w2c = _invert(batch["context_extrinsics"][:, 1:])
+    rel = se3_exp(pred.theta["pose"][:, 1:]) @ _invert(true_w2c)
+    return se3_log(rel).pow(2).sum(-1).mean()
 
 
 def gaussians_only(theta: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -355,6 +355,8 @@ def train(cfg: DictConfig) -> dict:
             theta0_weight = float(cfg.loss.get("theta0", 0.0))
             if layer is not None and theta0_weight > 0:  # keep Θ0 itself a usable feed-forward prediction
                 loss = loss + theta0_weight * F.mse_loss(render_views(out.prediction.theta, batch), target)
+            if is_pose_free and float(cfg.model.get("pose_supervision", 0.0)) > 0:  # optional term on the poses
+                loss = loss + float(cfg.model.pose_supervision) * pose_free.pose_loss(out.prediction, batch)
             if lpips_module is not None:
                 loss = loss + float(cfg.loss.lpips) * lpips_distance(lpips_module, out.render, target).mean()
             optimizer.zero_grad(set_to_none=True)
