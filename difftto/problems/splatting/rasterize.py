@@ -458,6 +458,42 @@ def _reaches_tile(means2d, conics, log_opacity, tx, ty, tile_size):
     return best <= threshold + 1e-3 * (1.0 + threshold.abs())
 
 
+#: The cotangent of every compositing weight α·T is bounded to this fraction of the dtype's
+#: largest value (see :class:`_BoundCotangent`).
+COTANGENT_BOUND_FRACTION = 2.0**-64
+
+
+class _BoundCotangent(torch.autograd.Function):
+    """Identity whose backward clamps the incoming gradient to ``±bound``.
+
+    The gradient of a compositing weight is ``⟨g, (colour, depth, 1)⟩`` per pixel. With a
+    finite but huge colour (3.4e38 in float32) it and the sums it feeds (the cumulative
+    transmittance backward) overflowed to ±inf, and inf − inf gave NaN geometry gradients.
+    Bounded to ``finfo.max · 2⁻⁶⁴`` (1.8e19 in float32), the rest of the chain stays finite,
+    while the gradients of any sane scene, far below the bound, are bit-identical. The
+    compiled backward bounds the same quantity (``bound_cotangent`` in ``rasterize_cpu.cpp``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        bound = torch.finfo(grad.dtype).max * COTANGENT_BOUND_FRACTION
+        return grad.clamp(-bound, bound)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent
+
+
 def _composite(pair, ox, oy, pix, active):
     """Front-to-back compositing of one group of tiles.
 
@@ -493,7 +529,7 @@ def _composite(pair, ox, oy, pix, active):
         alpha = torch.where(active, alpha, 0.0)
         log_t = torch.log1p(-alpha)
         log_trans = torch.cumsum(log_t, dim=1)
-    weights = alpha * torch.exp(log_trans - log_t)  # α · T before the pair
+    weights = _BoundCotangent.apply(alpha * torch.exp(log_trans - log_t))  # α · T before the pair
     values = pair[..., 6:]  # colours and depth
     out = torch.bmm(weights.transpose(1, 2), values)  # [Tg, P, D+1]
     return torch.cat([out, weights.sum(dim=1).unsqueeze(-1)], dim=-1), active

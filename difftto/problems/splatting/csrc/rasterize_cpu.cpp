@@ -76,6 +76,20 @@ inline T max_v(T a, T b) {
   return a < b ? b : a;
 }
 
+// ⟨g, v⟩ of a pair at a pixel (the cotangent of its weight α·T) is bounded to ±2⁻⁶⁴ of the
+// largest finite value (±1.8e19 in float32, ±9.7e288 in float64). Why: a finite but huge
+// colour (3.4e38) made the suffix sums Σ w·⟨g, v⟩, their division by 1 − α and the sums over
+// pixels overflow to ±inf, and inf − inf put NaN into the geometry gradients. The bound
+// leaves 2⁶⁴ of headroom for that chain and for the projection backward; cotangents of any
+// sane scene are far below it, so their gradients are bit-identical. Saturating after
+// every channel keeps a running sum from ever reaching inf − inf. The torch twin bounds the
+// same quantity (rasterize._BoundCotangent).
+template <typename T>
+inline T bound_cotangent(T x) {
+  constexpr T bound = std::numeric_limits<T>::max() / T(18446744073709551616.0);  // max · 2⁻⁶⁴
+  return min_v(max_v(x, -bound), bound);
+}
+
 template <typename T>
 inline T fast_exp(T x) {
   using E = ExpTraits<T>;
@@ -348,12 +362,12 @@ void backward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr
       const T z = f[6 + D];
       const T *gz = go + D * P, *ga = go + (D + 1) * P;
 #pragma omp simd
-      for (int64_t p = 0; p < P; ++p) gv[p] = gz[p] * z + ga[p];
+      for (int64_t p = 0; p < P; ++p) gv[p] = bound_cotangent(gz[p] * z + ga[p]);
       for (int64_t q = 0; q < D; ++q) {
         const T v = f[6 + q];
         const T* gq = go + q * P;
 #pragma omp simd
-        for (int64_t p = 0; p < P; ++p) gv[p] += gq[p] * v;
+        for (int64_t p = 0; p < P; ++p) gv[p] = bound_cotangent(gv[p] + gq[p] * v);
       }
       T gmx = 0, gmy = 0, ga_ = 0, gb = 0, gc = 0, glo = 0;
 #pragma omp simd reduction(+ : gmx, gmy, ga_, gb, gc, glo)
