@@ -12,7 +12,10 @@ values, gradients, residuals and the two curvature operators:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -135,8 +138,24 @@ class InnerObjective:
         hvp = None
         if self._linearize(theta):
             # Forward-over-reverse traced once; reverse-over-reverse where forward mode fails.
-            hvp = (_fold_linear_map(lambda v: torch.func.jvp(gradient, (theta,), (v,))[1], theta)
-                   or _fold_linear_map(lambda v: torch.func.vjp(gradient, theta)[1](v)[0], theta))
+            keys, signature = _signature("hessian", self.layout, data)
+            inputs = (theta, *[data[k] for k in keys])
+
+            def gradient_at(x, leaves):
+                local = _with_tensors(data, keys, leaves)
+                return torch.func.grad(lambda y: self.data_term(y, local).sum())(x)
+
+            def forward_over_reverse(x, *args):
+                return torch.func.jvp(lambda y: gradient_at(y, args[:-1]), (x,), (args[-1],))[1]
+
+            def reverse_over_reverse(x, *args):
+                return torch.func.vjp(lambda y: gradient_at(y, args[:-1]), x)[1](args[-1])[0]
+
+            for kind, fn in (("forward", forward_over_reverse), ("reverse", reverse_over_reverse)):
+                hvp = _fold_linear_map(fn, theta, inputs, owner=self.problem,
+                                       signature=None if signature is None else (kind, signature))
+                if hvp is not None:
+                    break
         if hvp is None:
             _, hvp_fn = torch.func.vjp(gradient, theta)  # reverse-over-reverse, reused
 
@@ -164,7 +183,9 @@ class InnerObjective:
 
     def jacobian_products(self, theta: Tensor) -> tuple[Callable, Callable, Callable[[], Tensor | None]]:
         """``(jvp, vjp, diag)`` at ``θ`` on flat vectors; ``diag()`` computes ``diag(JᵀJ)``
-        (or ``None``) when first asked for.
+        (or ``None``) when first asked for: the problem's exact one where it gives it
+        (:meth:`Problem.linearize`, :meth:`Problem.gauss_newton_diagonal`), else a probe
+        estimate.
 
         Uses the problem's own :meth:`Problem.linearize` when it gives one; otherwise
         autograd on the residuals with the discrete state frozen at ``θ``.
@@ -246,12 +267,32 @@ class InnerObjective:
 
         product = None
         if self._linearize(theta):
-            def gauss_newton(v):
-                return torch.func.vjp(residual_fn, theta)[1](
-                    torch.func.jvp(residual_fn, (theta,), (v,))[1])[0]
+            keys, signature = _signature("gauss_newton", self.layout, data)
 
-            product = _fold_linear_map(gauss_newton, theta)
-        return jvp, vjp, lambda: self._gauss_newton_diagonal(jvp, vjp, theta, r.shape), product
+            def gauss_newton(x, *args):
+                local = _with_tensors(data, keys, args[:-1])
+
+                def f(y):
+                    return self.residuals(y, local)
+
+                return torch.func.vjp(f, x)[1](torch.func.jvp(f, (x,), (args[-1],))[1])[0]
+
+            inputs = (theta, *[data[k] for k in keys])
+            product = _fold_linear_map(gauss_newton, theta, inputs, owner=self.problem,
+                                       signature=signature)
+
+        def diag():
+            exact = self.problem.gauss_newton_diagonal(self.layout.unflatten(theta), data)
+            if exact is not None:
+                exact = self.layout.flatten(exact).detach()
+                if exact.shape != theta.shape:
+                    raise ValueError(
+                        f"{type(self.problem).__name__}.gauss_newton_diagonal must give the "
+                        f"parameters' structure ({tuple(theta.shape)} flat), got {tuple(exact.shape)}")
+                return exact
+            return self._gauss_newton_diagonal(jvp, vjp, theta, r.shape)
+
+        return jvp, vjp, diag, product
 
     def _gauss_newton_diagonal(self, jvp, vjp, theta: Tensor, residual_shape) -> Tensor | None:
         """``diag(JᵀJ)``: exact from ``n`` products ``‖J e_j‖²`` when ``n`` is at most the
@@ -351,88 +392,149 @@ def _simplify(graph) -> None:
     graph.eliminate_dead_code()
 
 
-def _fold_linear_map(fn: Callable[[Tensor], Tensor], like: Tensor) -> Callable[[Tensor], Tensor] | None:
-    """``fn`` (a linear map of one tensor shaped as ``like``; everything else it reads is
-    a constant) as a folded graph, or ``None`` where it cannot be traced, mutates tensors,
-    or disagrees with ``fn`` on a check vector (e.g. an extension kernel the trace
-    cannot see would turn into a constant)."""
-    import warnings
+class _Traced:
+    """A linear map ``v ↦ f(inputs…, v)`` traced once: ``constants(*inputs)`` computes
+    every value that does not depend on ``v``; ``product(v, *constants)`` the rest."""
 
+    def __init__(self, constants: torch.fx.GraphModule, product: torch.fx.GraphModule):
+        self.constants, self.product = constants, product
+
+
+# problem -> {signature: _Traced or None (untraceable)}, the last few signatures each.
+_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRACES_PER_PROBLEM = 4
+
+
+def _trace_linear_map(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...],
+                      example: Tensor) -> _Traced | None:
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = make_fx(fn, tracing_mode="real")(*inputs, example)
+    graph = traced.graph
+    if any(_is_mutating(n) for n in graph.nodes if n.op == "call_function"):
+        return None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs) + 1:
+        return None
+    vector = placeholders[-1]
+    dependent = {vector}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            if any(a in dependent for a in node.all_input_nodes):
+                dependent.add(node)
+        elif node.op not in ("placeholder", "get_attr", "output"):
+            return None
+    # The values the vector-dependent part reads, in graph order; all must be tensors.
+    needed = [n for n in graph.nodes if n not in dependent and n.op != "output"
+              and any(u in dependent for u in n.users)]
+    if any(not isinstance(n.meta.get("val"), Tensor) and n.op != "get_attr" for n in needed):
+        return None
+    const_graph = torch.fx.Graph()
+    env: dict = {}
+    for node in graph.nodes:
+        if node in dependent or node.op == "output":
+            continue
+        env[node] = const_graph.node_copy(node, env.__getitem__)
+    const_graph.output(tuple(env[n] for n in needed))
+    const_graph.eliminate_dead_code()
+    constants = torch.fx.GraphModule(traced, const_graph)
+
+    product_graph = torch.fx.Graph()
+    env = {vector: product_graph.placeholder("v")}
+    env[vector].meta = dict(vector.meta)
+    for i, node in enumerate(needed):
+        env[node] = product_graph.placeholder(f"c{i}")
+        env[node].meta = dict(node.meta)
+    for node in graph.nodes:
+        if node in dependent and node is not vector:
+            env[node] = product_graph.node_copy(node, env.__getitem__)
+        elif node.op == "output":
+            product_graph.output(torch.fx.node.map_arg(node.args[0], env.__getitem__))
+    _simplify(product_graph)
+    return _Traced(constants, torch.fx.GraphModule(torch.nn.Module(), product_graph))
+
+
+def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tensor, ...] = (),
+                     *, owner: object = None, signature: Hashable = None
+                     ) -> Callable[[Tensor], Tensor] | None:
+    """``v ↦ fn(*inputs, v)`` (linear in ``v``, a tensor shaped as ``like``) as a folded
+    graph, or ``None`` where it cannot be traced, mutates tensors, or disagrees with
+    ``fn`` on a check vector (e.g. an extension kernel the trace cannot see would turn
+    into a constant).
+
+    With an ``owner`` (the problem) and a hashable ``signature`` (shapes, dtypes, the
+    non-tensor data), the trace is kept and reused for later inputs of that signature:
+    a new linearization point then costs one evaluation of the constant part, not a
+    trace. The check against ``fn`` runs on every call, so a trace that does not hold at
+    new inputs (data-dependent control flow) is caught, dropped, and ``None`` returned.
+    """
     if torch._C._functorch.maybe_current_level() is not None:
         return None  # inside an outer torch.func transform: keep the eager products
     gen = torch.Generator(device="cpu").manual_seed(7)
-    # Fresh tensors: make_fx tells inputs from constants by identity, so the example must
-    # not be a tensor the function closes over (θ itself).
+    # Fresh tensors: make_fx tells inputs from constants by identity, so the vector must
+    # not be a tensor the function closes over.
     example, check = (torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
                       for _ in range(2))
+    cache = None
+    if owner is not None and signature is not None:
+        try:
+            cache = _TRACES.setdefault(owner, OrderedDict())
+        except TypeError:  # not weak-referenceable
+            cache = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = make_fx(fn, tracing_mode="real")(example)
-        graph = traced.graph
-        if any(_is_mutating(n) for n in graph.nodes if n.op == "call_function"):
+        if cache is not None and signature in cache:
+            traced = cache[signature]
+            cache.move_to_end(signature)
+        else:
+            traced = _trace_linear_map(fn, inputs, example)
+            if cache is not None:
+                cache[signature] = traced
+                while len(cache) > _TRACES_PER_PROBLEM:
+                    cache.popitem(last=False)
+        if traced is None:
             return None
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            return None
-        dependent = set(placeholders)
-        values: dict = {}
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                values[node] = getattr(traced, node.target)
-            elif node.op == "call_function":
-                if any(a in dependent for a in node.all_input_nodes):
-                    dependent.add(node)
-                else:
-                    args = torch.fx.node.map_arg(node.args, values.__getitem__)
-                    kwargs = torch.fx.node.map_arg(node.kwargs, values.__getitem__)
-                    values[node] = node.target(*args, **kwargs)
-            elif node.op not in ("placeholder", "output"):
-                return None
-        root = torch.nn.Module()
-        new = torch.fx.Graph()
-        env: dict = {}
-        consts: dict = {}
+        constants = traced.constants(*inputs)
+        product = traced.product
 
-        def lookup(n):
-            if n in env:
-                return env[n]
-            value = values[n]
-            if not isinstance(value, Tensor):
-                if isinstance(value, (int, float, bool, torch.dtype, torch.device)) or value is None:
-                    return value
-                raise TypeError(f"non-tensor constant {type(value).__name__}")
-            if n not in consts:
-                name = f"_folded{len(consts)}"
-                setattr(root, name, value.detach())
-                consts[n] = new.get_attr(name)
-                consts[n].meta["val"] = value
-            return consts[n]
+        def apply(v: Tensor) -> Tensor:
+            return product(v, *constants)
 
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                env[node] = new.placeholder(node.target)
-                env[node].meta = dict(node.meta)
-            elif node.op == "output":
-                new.output(torch.fx.node.map_arg(node.args[0], lookup))
-            elif node in dependent:
-                env[node] = new.node_copy(node, lookup)
-        _simplify(new)
-        folded = torch.fx.GraphModule(root, new)
         # A second vector: a product the trace did not see would show up as a constant.
-        want, got = fn(check), folded(check)
-        if not isinstance(got, Tensor) or got.shape != want.shape:
-            return None
-        scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
-        tol = 1e3 * torch.finfo(want.dtype).eps
-        if not bool(((got - want).abs().max() / scale) <= tol):
-            return None
+        want, got = fn(*inputs, check), apply(check)
+        ok = isinstance(got, Tensor) and got.shape == want.shape
+        if ok:
+            scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+            ok = bool(((got - want).abs().max() / scale) <= 1e3 * torch.finfo(want.dtype).eps)
     except Exception:  # noqa: BLE001 - any tracing failure means "keep the eager products"
+        ok = False
+    if not ok:
+        if cache is not None:
+            cache[signature] = None
         return None
-
-    def apply(v: Tensor) -> Tensor:
-        return folded(v)
-
     return apply
+
+
+def _signature(kind: str, layout: Layout, data: Data) -> tuple[tuple[str, ...], Hashable]:
+    """The keys of ``data`` holding tensors (the trace's inputs after θ), and the signature
+    under which a trace is reused: ``None`` when a non-tensor value of ``data`` is more
+    than a plain constant (the trace then serves this linearization point only)."""
+    keys = tuple(k for k, v in (data or {}).items() if isinstance(v, Tensor))
+    parts = []
+    for k, value in (data or {}).items():
+        if isinstance(value, Tensor):
+            parts.append((k, tuple(value.shape), value.dtype, value.device))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            parts.append((k, type(value).__name__, value))
+        else:
+            return keys, None
+    return keys, (kind, layout, tuple(parts))
+
+
+def _with_tensors(data: Data, keys: tuple[str, ...], tensors) -> Data:
+    if data is None:
+        return None
+    out = dict(data)
+    out.update(zip(keys, tensors))
+    return out

@@ -10,6 +10,9 @@ problem offer structure the generic machinery cannot see:
   linear solve see one smooth function.
 - :meth:`Problem.linearize`: hand-written ``J·v`` / ``Jᵀ·w`` products and the exact
   ``diag(JᵀJ)`` (e.g. compiled kernels). ``None`` means "use autograd".
+- :meth:`Problem.gauss_newton_diagonal`: only the exact ``diag(JᵀJ)``, with autograd
+  products (elementwise residuals, a fixed stencil: the column norms of ``J`` are a
+  formula). ``None`` means "estimate it with probes" for the Jacobi preconditioner.
 """
 
 from __future__ import annotations
@@ -89,6 +92,14 @@ class Problem:
     def linearize(self, theta: Params, data: Data) -> Linearization | None:
         """Hand-written Jacobian products at ``theta`` (``data`` already frozen), or
         ``None`` to let the layer use autograd (the default)."""
+        return None
+
+    def gauss_newton_diagonal(self, theta: Params, data: Data) -> Params | None:
+        """The exact ``diag(JᵀJ)`` at ``theta`` (``data`` already frozen), in the parameter
+        structure, or ``None`` (the default: the Jacobi preconditioner then uses a probe
+        estimate). Used with autograd products, i.e. when :meth:`linearize` gives none.
+        An estimate from random probes can precondition worse than none on problems
+        whose diagonal varies little, which is why a problem that knows it should say."""
         return None
 
     def __repr__(self) -> str:

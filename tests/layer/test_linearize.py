@@ -192,3 +192,108 @@ def test_linearize_inside_a_torch_func_transform_keeps_eager_products():
 
     g = torch.func.grad(product)(theta)
     assert torch.isfinite(g).all()
+
+
+def test_trace_is_reused_at_a_new_point_and_stays_exact():
+    problem = _Coupled()
+    data, theta, lam = _setup({"batch": 2, "n": 7, "m": 3, "dtype": torch.float64, "seed": 21})
+    first = _objective(problem, theta, lam, data, "linearize").gauss_newton_operator(theta)
+    assert first.a._product is not None
+    traces = dict(objective_module._TRACES[problem])
+    # Another point and other data of the same shapes: no new trace, products still exact.
+    data2, theta2, lam2 = _setup({"batch": 2, "n": 7, "m": 3, "dtype": torch.float64, "seed": 22})
+    second = _objective(problem, theta2, lam2, data2, "linearize").gauss_newton_operator(theta2)
+    assert dict(objective_module._TRACES[problem]) == traces
+    jac = _dense_jacobian(problem, theta2, data2)
+    v = torch.randn(theta2.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = (jac.transpose(1, 2) @ jac @ v[..., None])[..., 0] + lam2 * v
+    torch.testing.assert_close(second.mv(v), want, rtol=1e-10, atol=1e-10)
+
+
+class _Branching(difftto.Problem):
+    """Python control flow on the values of θ: a trace holds for one branch only."""
+
+    def residuals(self, theta, data):
+        if bool(theta.sum() > 0):
+            return torch.tanh(theta) - data["y"]
+        return theta.pow(3) - data["y"]
+
+
+def test_control_flow_on_theta_keeps_the_eager_products():
+    # θ and the data tensors are inputs of the trace, so reading their values (bool, item)
+    # stops it: such a problem keeps the eager products, at every point.
+    problem = _Branching()
+    y = torch.zeros(1, 5, dtype=torch.float64)
+    layout = Layout.of(y)
+    for sign in (1.0, -1.0):
+        point = torch.full((1, 5), 0.5 * sign, dtype=torch.float64)
+        op = InnerObjective(problem, layout, {"y": y}, None, jvp_mode="linearize").gauss_newton_operator(point)
+        assert op._product is None
+        slope = (1 - torch.tanh(point).pow(2)) if sign > 0 else 3 * point.pow(2)
+        v = torch.linspace(-1, 1, 5, dtype=torch.float64)[None]
+        torch.testing.assert_close(op.mv(v), slope.pow(2) * v)
+
+
+class _ConstantBranch(difftto.Problem):
+    """Control flow on a Python value the trace bakes in (an attribute, not an input; the
+    trace refuses control flow on any tensor's value): a trace made with one value is
+    wrong for another, which the check vector must catch."""
+
+    def __init__(self):
+        self.power = 2.0
+
+    def residuals(self, theta, data):
+        if self.power > 2.5:
+            return theta.pow(3) - data["y"]
+        return torch.tanh(theta) - data["y"]
+
+
+def test_a_reused_trace_that_no_longer_holds_is_dropped():
+    problem = _ConstantBranch()
+    y = torch.zeros(1, 5, dtype=torch.float64)
+    point = torch.full((1, 5), 0.5, dtype=torch.float64)
+    layout = Layout.of(point)
+    op = InnerObjective(problem, layout, {"y": y}, None, jvp_mode="linearize").gauss_newton_operator(point)
+    assert op._product is not None
+    problem.power = 3.0  # same signature, other branch
+    op = InnerObjective(problem, layout, {"y": y}, None, jvp_mode="linearize").gauss_newton_operator(point)
+    assert op._product is None
+    v = torch.ones_like(point)
+    torch.testing.assert_close(op.mv(v), (3 * point.pow(2)).pow(2) * v)
+
+
+class _Stencil(difftto.Problem):
+    """``r = [w ⊙ (tanh θ − y); s (θ_{i+1} − θ_i)]`` with its exact ``diag(JᵀJ)``."""
+
+    def residuals(self, theta, data):
+        fit = data["w"] * (torch.tanh(theta) - data["y"])
+        return torch.cat([fit, data["s"] * (theta[:, 1:] - theta[:, :-1])], dim=-1)
+
+    def gauss_newton_diagonal(self, theta, data):
+        neighbours = torch.full_like(theta, 2.0)
+        neighbours[:, 0] = neighbours[:, -1] = 1.0
+        return (data["w"] * (1 - torch.tanh(theta).pow(2))).pow(2) + data["s"] ** 2 * neighbours
+
+
+@settings(max_examples=12)
+@given(cases)
+def test_problem_diagonal_is_used_and_equals_dense_oracle(case):
+    data, theta, lam = _setup(case)
+    data.pop("A")
+    problem = _Stencil()
+    for mode in ("linearize", "double_vjp"):
+        op = _objective(problem, theta, lam, data, mode).gauss_newton_operator(theta)
+        jac = _dense_jacobian(problem, theta, data)
+        want = jac.pow(2).sum(dim=1) + lam
+        torch.testing.assert_close(op.diagonal(), want, **_tol(theta.dtype))
+
+
+def test_problem_diagonal_of_the_wrong_shape_is_an_error():
+    class Wrong(_Stencil):
+        def gauss_newton_diagonal(self, theta, data):
+            return theta[:, :-1]
+
+    data, theta, lam = _setup({"batch": 1, "n": 4, "m": 1, "dtype": torch.float64, "seed": 3})
+    op = _objective(Wrong(), theta, lam, data, "double_vjp").gauss_newton_operator(theta)
+    with pytest.raises(ValueError, match="gauss_newton_diagonal"):
+        op.diagonal()
