@@ -43,11 +43,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import time
-
-import math
 
 import torch
 

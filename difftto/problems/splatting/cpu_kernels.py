@@ -371,7 +371,22 @@ class _ProjectCotangentFunction(torch.autograd.Function):
         return (d_grad_feats, None, None, *d_inputs)
 
 
-class _ProjectSecondOrderFunction(torch.autograd.Function):
+class _SecondOrderOnly(torch.autograd.Function):
+    """Base of the Functions that compute a second derivative through a pure-torch twin:
+    they stop there (third order raises)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise NotImplementedError(
+            "backend='cpu_kernels' supports derivatives up to second order; use backend='torch' for more"
+        )
+
+
+class _ProjectSecondOrderFunction(_SecondOrderOnly):
     """``∂/∂(grad_feats, inputs) Σ_k ⟨gg_k, ∂⟨grad_feats, feats⟩/∂input_k⟩`` through the
     pure-torch twin (second order is rare and may be slow)."""
 
@@ -387,16 +402,6 @@ class _ProjectSecondOrderFunction(torch.autograd.Function):
             second = torch.autograd.grad([f for f, _ in used], [gf, *xs], [gg.detach() for _, gg in used],
                                          allow_unused=True)
         return tuple(torch.zeros_like(x) if s is None else s for x, s in zip([gf, *xs], second))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *_grads):
-        raise NotImplementedError(
-            "backend='cpu_kernels' supports derivatives up to second order; use backend='torch' for more"
-        )
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -530,7 +535,7 @@ class _TangentFunction(torch.autograd.Function):
         return d_v, d_feats, None, None, None, None
 
 
-class _SecondOrderFunction(torch.autograd.Function):
+class _SecondOrderFunction(_SecondOrderOnly):
     """``∂/∂f ⟨w, J(f)·v⟩`` by the pure-torch twin (second order is rare and may be slow)."""
 
     @staticmethod
@@ -541,16 +546,6 @@ class _SecondOrderFunction(torch.autograd.Function):
             (first,) = torch.autograd.grad(out, f, w.detach(), create_graph=True)
             (second,) = torch.autograd.grad(first, f, v.detach(), allow_unused=True)
         return torch.zeros_like(f) if second is None else second
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *_grads):
-        raise NotImplementedError(
-            "backend='cpu_kernels' supports derivatives up to second order; use backend='torch' for more"
-        )
 
 
 def _twin_composite(feats: Tensor, structure: KernelStructure, active: Tensor) -> Tensor:

@@ -71,9 +71,14 @@ CASES = [None, "zero_scales", "huge_scales", "bound_scales", "zero_quats", "huge
          "far_offscreen", "transparent"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("per_camera", [False, True])
-@pytest.mark.parametrize("case", CASES)
+def over_cases(test):
+    """Runs ``test`` for both dtypes, shared and per-camera colours and every case."""
+    for name, values in (("case", CASES), ("per_camera", [False, True]), ("dtype", [torch.float32, F64])):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+@over_cases
 def test_features_radii_and_valid_equal_the_twin(dtype, per_camera, case):
     W, H = 13, 11
     theta, V, K = _scene(2, 24, 3, W, H, dtype, seed=4, per_camera=per_camera, case=case)
@@ -90,9 +95,7 @@ def test_features_radii_and_valid_equal_the_twin(dtype, per_camera, case):
         assert ((radii.double() - ref_radii.double()).abs() <= slack).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("per_camera", [False, True])
-@pytest.mark.parametrize("case", CASES)
+@over_cases
 def test_gradients_of_every_input_equal_the_twin(dtype, per_camera, case):
     W, H = 13, 11
     theta, V, K = _scene(1, 24, 2, W, H, dtype, seed=9, per_camera=per_camera, case=case)

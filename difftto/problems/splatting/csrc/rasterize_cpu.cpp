@@ -213,30 +213,98 @@ void bin_impl(const T* means2d, const int32_t* radii, const T* conics, const T* 
   });
 }
 
+// One tile of a render: its image and origin, its pairs [m0, m1), the centres of its P
+// pixels and `rows`·P zeroed scratch values (thread-local, reused from tile to tile).
+template <typename T>
+struct Tile {
+  int64_t i, ox, oy, m0, m1;
+  T *px, *py, *scratch;
+};
+
+// Runs fn(tile) for every tile that holds at least one pair (for_each_dynamic: the
+// work per tile varies a lot). Every kernel below walks the tiles this way.
+template <typename T, typename Fn>
+void for_each_tile(const Grid& g, const int64_t* tile_ptr, int64_t P, int64_t rows, Fn&& fn) {
+  for_each_dynamic(g.I * g.n_tiles, [&](int64_t t) {
+    Tile<T> tile;
+    tile.m0 = tile_ptr[t];
+    tile.m1 = tile_ptr[t + 1];
+    if (tile.m0 == tile.m1) return;
+    g.origin(t, tile.i, tile.ox, tile.oy);
+    thread_local std::vector<T> buf;
+    buf.assign((2 + rows) * P, T(0));
+    tile.px = buf.data();
+    tile.py = tile.px + P;
+    tile.scratch = tile.py + P;
+    for (int64_t p = 0; p < P; ++p) {
+      tile.px[p] = T(tile.ox + p % g.ts) + T(0.5);
+      tile.py[p] = T(tile.oy + p / g.ts) + T(0.5);
+    }
+    fn(tile);
+  });
+}
+
+// Loads a [I, H, W, Q] per-pixel tensor into a tile buffer [Q, P] (zeros outside the image).
+template <typename T>
+void load_tile(const T* src, int64_t Q, const Grid& g, const Tile<T>& tile, T* dst) {
+  for (int64_t p = 0; p < g.P; ++p) {
+    const int64_t x = tile.ox + p % g.ts, y = tile.oy + p / g.ts;
+    const bool in = x < g.W && y < g.H;
+    const T* s = in ? src + ((tile.i * g.H + y) * g.W + x) * Q : nullptr;
+    for (int64_t q = 0; q < Q; ++q) dst[q * g.P + p] = in ? s[q] : T(0);
+  }
+}
+
+// Stores a tile buffer [Q, P] into a [I, H, W, Q] per-pixel tensor (pixels inside the image).
+template <typename T>
+void store_tile(const T* src, int64_t Q, const Grid& g, const Tile<T>& tile, T* dst) {
+  for (int64_t p = 0; p < g.P; ++p) {
+    const int64_t x = tile.ox + p % g.ts, y = tile.oy + p / g.ts;
+    if (x >= g.W || y >= g.H) continue;
+    T* o = dst + ((tile.i * g.H + y) * g.W + x) * Q;
+    for (int64_t q = 0; q < Q; ++q) o[q] = src[q * g.P + p];
+  }
+}
+
+// False when a pair's cached alpha is 0 at every pixel (inactive, kept by the binning): it
+// contributes exactly nothing to any product.
+template <typename T>
+inline bool pair_alive(const T* al_m, int64_t P) {
+  T alive = 0;
+#pragma omp simd reduction(+ : alive)
+  for (int64_t p = 0; p < P; ++p) alive += al_m[p];
+  return alive != T(0);
+}
+
+// dα/dσ' = -α below the clamp at kAlphaMax, 0 on it (torch's clamp passes the gradient at
+// equality; a raw value of exactly 0.999 is the one case that differs). Returns the slope's
+// magnitude: α or 0.
+template <typename T>
+inline T alpha_slope(T al) {
+  return al < T(kAlphaMax) ? al : T(0);
+}
+
 // ------------------------------------------------------------------------ forward
+
+// σ' = ½ dᵀ·conic·d − log o at the offset d = pixel − mean: α = min(0.999, exp(−σ')).
+template <typename T>
+inline T exponent(T dx, T dy, T a, T b, T c, T log_op) {
+  return T(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy - log_op;
+}
 
 template <typename T, int kP>
 void forward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr, const int64_t* pair_gauss,
                   const uint8_t* active_in, const Grid& g, T* out, T* alpha, T* trans, uint8_t* active_out) {
   const int64_t P = kP > 0 ? kP : g.P, Q = D + 2;
   const T amax = T(kAlphaMax), tmin = T(kTransMin), ln255 = T(kLn255);
-  for_each_dynamic(g.I * g.n_tiles, [&](int64_t t) {
-    const int64_t m0 = tile_ptr[t], m1 = tile_ptr[t + 1];
-    if (m0 == m1) return;
-    int64_t i, ox, oy;
-    g.origin(t, i, ox, oy);
-    // Masks live in T-typed buffers: GCC did not vectorize the pixel loop when it mixed
-    // uint8 flags with float arithmetic, and the scalar exp then dominated.
-    thread_local std::vector<T> buf;
-    buf.assign((7 + Q) * P, T(0));
-    T *px = buf.data(), *py = px + P, *tr = py + P, *w = tr + P, *live = w + P, *on = live + P, *stop = on + P;
-    T* acc = stop + P;
-    for (int64_t p = 0; p < P; ++p) {
-      px[p] = T(ox + p % g.ts) + T(0.5);
-      py[p] = T(oy + p / g.ts) + T(0.5);
-      tr[p] = T(1);
-      live[p] = T(1);
-    }
+  // Masks live in T-typed buffers: GCC did not vectorize the pixel loop when it mixed
+  // uint8 flags with float arithmetic, and the scalar exp then dominated.
+  for_each_tile<T>(g, tile_ptr, P, 5 + Q, [&](const Tile<T>& tile) {
+    const int64_t m0 = tile.m0, m1 = tile.m1;
+    const T *px = tile.px, *py = tile.py;
+    T *tr = tile.scratch, *w = tr + P, *live = w + P, *on = live + P, *stop = on + P, *acc = stop + P;
+    std::fill(tr, tr + P, T(1));
+    std::fill(live, live + P, T(1));
     int64_t n_done = 0;
     for (int64_t m = m0; m < m1; ++m) {
       const T* f = feats + pair_gauss[m] * F;
@@ -248,8 +316,7 @@ void forward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr,
         for (int64_t p = 0; p < P; ++p) on[p] = act[p] ? T(1) : T(0);
 #pragma omp simd
         for (int64_t p = 0; p < P; ++p) {
-          const T dx = px[p] - mx, dy = py[p] - my;
-          const T s = T(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy - lo;
+          const T s = exponent(px[p] - mx, py[p] - my, a, b, c, lo);
           const T al = min_v(fast_exp(-s), amax) * on[p];
           tr_m[p] = tr[p];
           al_m[p] = al;
@@ -260,8 +327,7 @@ void forward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr,
         T stops = 0;
 #pragma omp simd reduction(+ : stops)
         for (int64_t p = 0; p < P; ++p) {
-          const T dx = px[p] - mx, dy = py[p] - my;
-          const T s = T(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy - lo;
+          const T s = exponent(px[p] - mx, py[p] - my, a, b, c, lo);
           const T raw = min_v(fast_exp(-s), amax);
           const T ok = (s <= ln255) ? live[p] : T(0);  // α ≥ 1/255 and not yet stopped
           const T tn = tr[p] * (T(1) - raw);
@@ -304,24 +370,8 @@ void forward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr,
         break;
       }
     }
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t x = ox + p % g.ts, y = oy + p / g.ts;
-      if (x >= g.W || y >= g.H) continue;
-      T* o = out + ((i * g.H + y) * g.W + x) * Q;
-      for (int64_t q = 0; q < Q; ++q) o[q] = acc[q * P + p];
-    }
+    store_tile(acc, Q, g, tile, out);
   });
-}
-
-// Loads a [I, H, W, Q] per-pixel tensor into a tile buffer [Q, P] (zeros outside the image).
-template <typename T>
-void load_tile(const T* src, int64_t Q, const Grid& g, int64_t i, int64_t ox, int64_t oy, T* dst) {
-  for (int64_t p = 0; p < g.P; ++p) {
-    const int64_t x = ox + p % g.ts, y = oy + p / g.ts;
-    const bool in = x < g.W && y < g.H;
-    const T* s = in ? src + ((i * g.H + y) * g.W + x) * Q : nullptr;
-    for (int64_t q = 0; q < Q; ++q) dst[q * g.P + p] = in ? s[q] : T(0);
-  }
 }
 
 // ------------------------------------------------------------------------ backward (Jᵀ·w)
@@ -331,20 +381,11 @@ template <typename T, int kP>
 void backward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr, const int64_t* pair_gauss,
                    const T* alpha, const T* trans, const T* grad_out, const Grid& g, T* grad_pair) {
   const int64_t P = kP > 0 ? kP : g.P, Q = D + 2;
-  const T amax = T(kAlphaMax);
-  for_each_dynamic(g.I * g.n_tiles, [&](int64_t t) {
-    const int64_t m0 = tile_ptr[t], m1 = tile_ptr[t + 1];
-    if (m0 == m1) return;
-    int64_t i, ox, oy;
-    g.origin(t, i, ox, oy);
-    thread_local std::vector<T> buf;
-    buf.assign((5 + Q) * P, T(0));
-    T *px = buf.data(), *py = px + P, *rest = py + P, *gv = rest + P, *w = gv + P, *go = w + P;
-    for (int64_t p = 0; p < P; ++p) {
-      px[p] = T(ox + p % g.ts) + T(0.5);
-      py[p] = T(oy + p / g.ts) + T(0.5);
-    }
-    load_tile(grad_out, Q, g, i, ox, oy, go);
+  for_each_tile<T>(g, tile_ptr, P, 3 + Q, [&](const Tile<T>& tile) {
+    const int64_t m0 = tile.m0, m1 = tile.m1;
+    const T *px = tile.px, *py = tile.py;
+    T *rest = tile.scratch, *gv = rest + P, *w = gv + P, *go = w + P;
+    load_tile(grad_out, Q, g, tile, go);
     // Back to front: `rest` = Σ over the later pairs of w_j·⟨g, v_j⟩ (v = colour, depth, 1).
     for (int64_t m = m1 - 1; m >= m0; --m) {
       const T* f = feats + pair_gauss[m] * F;
@@ -352,10 +393,7 @@ void backward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr
       const T* al_m = alpha + m * P;
       const T* tr_m = trans + m * P;
       T* gp = grad_pair + m * F;
-      T alive = 0;
-#pragma omp simd reduction(+ : alive)
-      for (int64_t p = 0; p < P; ++p) alive += al_m[p];
-      if (alive == T(0)) {  // inactive at every pixel (kept by the binning): exactly zero
+      if (!pair_alive(al_m, P)) {
         std::fill(gp, gp + F, T(0));
         continue;
       }
@@ -377,9 +415,7 @@ void backward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr
         w[p] = wp;
         const T d_alpha = tr * gv[p] - rest[p] / (T(1) - al);
         rest[p] += wp * gv[p];
-        // dα/dσ' = -α below the clamp, 0 on it (torch's clamp passes the gradient at
-        // equality; a raw value of exactly 0.999 is the one case that differs).
-        const T dfac = al < amax ? al : T(0);
+        const T dfac = alpha_slope(al);
         const T ds = -dfac * d_alpha;  // dL/dσ', σ' = σ - log o
         const T dx = px[p] - mx, dy = py[p] - my;
         gmx -= ds * (a * dx + b * dy);
@@ -429,19 +465,10 @@ template <typename T, int kP>
 void jvp_impl(const T* feats, const T* dfeats, int64_t F, int64_t D, const int64_t* tile_ptr,
               const int64_t* pair_gauss, const T* alpha, const T* trans, const Grid& g, T* dout) {
   const int64_t P = kP > 0 ? kP : g.P, Q = D + 2;
-  const T amax = T(kAlphaMax);
-  for_each_dynamic(g.I * g.n_tiles, [&](int64_t t) {
-    const int64_t m0 = tile_ptr[t], m1 = tile_ptr[t + 1];
-    if (m0 == m1) return;
-    int64_t i, ox, oy;
-    g.origin(t, i, ox, oy);
-    thread_local std::vector<T> buf;
-    buf.assign((5 + Q) * P, T(0));
-    T *px = buf.data(), *py = px + P, *s = py + P, *w = s + P, *dw = w + P, *acc = dw + P;
-    for (int64_t p = 0; p < P; ++p) {
-      px[p] = T(ox + p % g.ts) + T(0.5);
-      py[p] = T(oy + p / g.ts) + T(0.5);
-    }
+  for_each_tile<T>(g, tile_ptr, P, 3 + Q, [&](const Tile<T>& tile) {
+    const int64_t m0 = tile.m0, m1 = tile.m1;
+    const T *px = tile.px, *py = tile.py;
+    T *s = tile.scratch, *w = s + P, *dw = w + P, *acc = dw + P;
     // Front to back: s = Σ_{j<k} dα_j / (1 - α_j), so that dT_k = -T_k·s.
     for (int64_t m = m0; m < m1; ++m) {
       const int64_t id = pair_gauss[m];
@@ -451,17 +478,14 @@ void jvp_impl(const T* feats, const T* dfeats, int64_t F, int64_t D, const int64
       const T dmx = df[0], dmy = df[1], da = df[2], db = df[3], dc = df[4], dlo = df[5];
       const T* al_m = alpha + m * P;
       const T* tr_m = trans + m * P;
-      T alive = 0;
-#pragma omp simd reduction(+ : alive)
-      for (int64_t p = 0; p < P; ++p) alive += al_m[p];
-      if (alive == T(0)) continue;  // inactive everywhere: contributes exactly nothing
+      if (!pair_alive(al_m, P)) continue;
 #pragma omp simd
       for (int64_t p = 0; p < P; ++p) {
         const T al = al_m[p], tr = tr_m[p];
         const T dx = px[p] - mx, dy = py[p] - my;
         const T dsig = -(a * dx + b * dy) * dmx - (c * dy + b * dx) * dmy +
                        T(0.5) * (dx * dx * da + dy * dy * dc) + dx * dy * db - dlo;
-        const T dfac = al < amax ? al : T(0);
+        const T dfac = alpha_slope(al);
         const T dal = -dfac * dsig;
         w[p] = al * tr;
         dw[p] = tr * (dal - al * s[p]);
@@ -477,12 +501,7 @@ void jvp_impl(const T* feats, const T* dfeats, int64_t F, int64_t D, const int64
 #pragma omp simd
       for (int64_t p = 0; p < P; ++p) aa[p] += dw[p];
     }
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t x = ox + p % g.ts, y = oy + p / g.ts;
-      if (x >= g.W || y >= g.H) continue;
-      T* o = dout + ((i * g.H + y) * g.W + x) * Q;
-      for (int64_t q = 0; q < Q; ++q) o[q] = acc[q * P + p];
-    }
+    store_tile(acc, Q, g, tile, dout);
   });
 }
 
@@ -498,23 +517,14 @@ template <typename T, int kP>
 void gram_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr, const int64_t* pair_gauss,
                const T* alpha, const T* trans, const T* rw, const T* rb, const Grid& g, int64_t R, T* gram_pair) {
   const int64_t P = kP > 0 ? kP : g.P;
-  const T amax = T(kAlphaMax);
-  for_each_dynamic(g.I * g.n_tiles, [&](int64_t t) {
-    const int64_t m0 = tile_ptr[t], m1 = tile_ptr[t + 1];
-    if (m0 == m1) return;
-    int64_t i, ox, oy;
-    g.origin(t, i, ox, oy);
-    thread_local std::vector<T> buf;
-    // px, py, suffix alpha, suffix colours[D], rw[D], rb[D], geo[6], e[D], cw[D], se2, w
-    buf.assign((5 + 5 * D + 6) * P, T(0));
-    T *px = buf.data(), *py = px + P, *sa = py + P, *sc = sa + P, *rwt = sc + D * P, *rbt = rwt + D * P;
+  // scratch: suffix alpha, suffix colours[D], rw[D], rb[D], geo[6], e[D], cw[D], se2, w
+  for_each_tile<T>(g, tile_ptr, P, 3 + 5 * D + 6, [&](const Tile<T>& tile) {
+    const int64_t m0 = tile.m0, m1 = tile.m1;
+    const T *px = tile.px, *py = tile.py;
+    T *sa = tile.scratch, *sc = sa + P, *rwt = sc + D * P, *rbt = rwt + D * P;
     T *geo = rbt + D * P, *e = geo + 6 * P, *cw = e + D * P, *se2 = cw + D * P, *w = se2 + P;
-    for (int64_t p = 0; p < P; ++p) {
-      px[p] = T(ox + p % g.ts) + T(0.5);
-      py[p] = T(oy + p / g.ts) + T(0.5);
-    }
-    load_tile(rw, D, g, i, ox, oy, rwt);
-    load_tile(rb, D, g, i, ox, oy, rbt);
+    load_tile(rw, D, g, tile, rwt);
+    load_tile(rb, D, g, tile, rbt);
     for (int64_t m = m1 - 1; m >= m0; --m) {
       const T* f = feats + pair_gauss[m] * F;
       const T mx = f[0], my = f[1], a = f[2], b = f[3], c = f[4];
@@ -523,7 +533,7 @@ void gram_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr, co
 #pragma omp simd
       for (int64_t p = 0; p < P; ++p) {
         const T al = al_m[p], tr = tr_m[p];
-        const T dfac = al < amax ? al : T(0);
+        const T dfac = alpha_slope(al);
         const T dx = px[p] - mx, dy = py[p] - my;
         // ∂α/∂(mx, my, a, b, c, log o) = -dfac·∂σ'/∂(...)
         geo[0 * P + p] = dfac * (a * dx + b * dy);
