@@ -129,7 +129,8 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
                        no_uncertainty: str | Path | None = None, unrolled: str | Path | None = None,
                        data_root: str | Path | None = None, naive_lam: float = 1e-4, exposure: float = 1.5,
                        exposure_view: int = 1, tto_steps: int | None = None, max_scenes: int | None = None,
-                       align_steps: int = 100, align_lr: float = 5e-3, threads: int = 1) -> dict:
+                       align_steps: int = 100, align_lr: float = 5e-3, tto_pose_lr: float | None = None,
+                       threads: int = 1) -> dict:
     """Evaluate pose-free checkpoints on the test split's evaluation index; writes
     ``results.json`` and ``results.md`` into ``out_dir`` and returns the results."""
     torch.set_num_threads(int(threads))
@@ -158,7 +159,8 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
     tto_cfg = OmegaConf.to_container(cfg.tto, resolve=True)
     if tto_steps is not None:
         tto_cfg["steps"] = int(tto_steps)
-    layer = pose_free.build_layer(tto_cfg, "implicit", float(cfg.model.tto_pose_lr))
+    pose_lr = float(cfg.model.tto_pose_lr) if tto_pose_lr is None else float(tto_pose_lr)
+    layer = pose_free.build_layer(tto_cfg, "implicit", pose_lr)
     n = len(dataset) if max_scenes is None else min(len(dataset), int(max_scenes))
     per_scene: dict[str, dict] = {r.name: {"clean": [], "exposure": []} for r in rows}
     keys = []
@@ -179,7 +181,7 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
 
     results: dict[str, Any] = {
         "scenes": n, "keys": keys, "data_root": str(root), "image_size": list(dataset.image_size),
-        "tto": tto_cfg, "tto_pose_lr": float(cfg.model.tto_pose_lr), "naive_lam": naive_lam,
+        "tto": tto_cfg, "tto_pose_lr": pose_lr, "naive_lam": naive_lam,
         "exposure": {"factor": exposure, "view": exposure_view},
         "lpips": {"available": False, "message": "LPIPS not computed for the pose-free rows"},
         "target_alignment": {"steps": align_steps, "lr": align_lr, "optimizer": "adam",
@@ -194,7 +196,8 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
     }
     results["seconds"] = round(time.perf_counter() - started, 1)
     text = (f"Pose-free, held-out scenes: {n} ({dataset.image_size[0]}×{dataset.image_size[1]} px), TTO: "
-            f"{tto_cfg['inner']} {tto_cfg['steps']} steps on Gaussians and context poses; naive TTO Λ = {naive_lam}; "
+            f"{tto_cfg['inner']} {tto_cfg['steps']} steps on Gaussians and context poses (pose lr {pose_lr}); "
+            f"naive TTO Λ = {naive_lam}; "
             f"target poses aligned ({align_steps} Adam steps, lr {align_lr}) before scoring.\n\n"
             + markdown_table(results) + "\nContext pose errors (clean inputs):\n\n" + pose_table(results))
     (out_dir / "results.md").write_text(text)
@@ -270,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-scenes", type=int)
     p.add_argument("--align-steps", type=int, default=100)
     p.add_argument("--align-lr", type=float, default=5e-3)
+    p.add_argument("--tto-pose-lr", type=float,
+                   help="inner learning rate of the poses (default: the training config's)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     with warnings.catch_warnings():
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      unrolled=a.unrolled, data_root=a.data_root, naive_lam=a.naive_lam,
                                      exposure=a.exposure, exposure_view=a.exposure_view, tto_steps=a.tto_steps,
                                      max_scenes=a.max_scenes, align_steps=a.align_steps, align_lr=a.align_lr,
-                                     threads=a.threads)
+                                     tto_pose_lr=a.tto_pose_lr, threads=a.threads)
     print((Path(a.out) / "results.md").read_text())
     return results
 
