@@ -130,6 +130,36 @@ def _agreement(g, ref) -> float:
     return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g, ref))
 
 
+def _hessian(method: str) -> str:
+    return "exact" if method.startswith(("difftto_exact", "torchopt", "jaxopt")) else "gauss_newton"
+
+
+def _interleaved(case: dict, make_go, problem: str, n: int) -> dict:
+    """Every method of ``case["interleave"]`` in this one process, called in turns (the
+    order rotated each round) so that the load of a shared machine falls on all alike;
+    the median time per method and the median per-round ratio to the first method."""
+    import statistics
+
+    methods = case["interleave"]
+    gos = {m: make_go(m) for m in methods}  # each built and warmed up (one untimed call)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    grads = {}
+    for k in range(case["rounds"]):
+        order = methods[k % len(methods):] + methods[:k % len(methods)]
+        for m in order:
+            grad, seconds, _ = gos[m]()
+            times[m].append(seconds)
+            grads[m] = grad
+    base = methods[0]
+    out = {"problem": problem, "n": n, "interleaved": methods, "rounds": case["rounds"],
+           "median_s": {m: round(statistics.median(t), 4) for m, t in times.items()},
+           "median_ratio_to_" + base: {
+               m: round(statistics.median(a / b for a, b in zip(times[m], times[base])), 3)
+               for m in methods},
+           "max_rel_diff_to_" + base: {m: _agreement(grads[m], grads[base]) for m in methods}}
+    return out
+
+
 def run_case(case: dict) -> dict:
     import torch
 
@@ -161,140 +191,149 @@ def run_case(case: dict) -> dict:
                 "inner_steps": int(info.forward.steps.max())}
     star = torch.load(star_path)
 
-    hessian = "exact" if method.startswith(("difftto_exact", "torchopt", "jaxopt")) else "gauss_newton"
+    def make_go(method: str):
+        """The timed gradient call of ``method``: ``go() -> (grad, seconds, extra)``."""
+        hessian = _hessian(method)
+        name = _register(problem)
+        if method.startswith("difftto"):
+            from implicit_vs_unrolled import _Fixed
+
+            preconditioner = "identity" if method.endswith("identity") else "jacobi"
+            if method == "difftto_diag":
+                name = _register(problem, with_diagonal=True)
+
+            def layer_for(point, size):
+                return difftto.ImplicitLayer(
+                    name, inner=_Fixed(point), hessian=hessian,
+                    solver=difftto.solvers.PCG(rtol=RTOL, max_iter=min(2 * size, 10_000),
+                                               preconditioner=preconditioner))
+
+            layer = layer_for(star, n)
+
+            def go():
+                t0, lm = theta0.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+                out, info = layer(t0, lm, data)
+                start = time.perf_counter()
+                (0.5 * (out - truth).pow(2).sum()).backward()
+                grad_s = time.perf_counter() - start
+                return (t0.grad, lm.grad), grad_s, {
+                    "iterations": int(info.backward.iterations.max()),
+                    "status": [int(s) for s in info.backward.status]}
+
+            # Warm-up at this n, as TorchOpt's and JAXopt's (its compile) get: torch.func's and
+            # make_fx's first use cost ~1 s, and the products are traced once per problem and
+            # shape (jvp_mode="auto" from 10^4 unknowns); the timed call reuses the trace.
+            go()
+        elif method.startswith("torchopt"):
+            import torchopt
+
+            def data_term(theta):
+                return 0.5 * residuals(theta, data["y"], data["w"], data["s"]).pow(2).sum()
+
+            def optimality(theta, t0, lm):
+                # torch.func.grad: TorchOpt differentiates this with functorch transforms.
+                return torch.func.grad(data_term)(theta) + lm * (theta - t0)
+
+            solve = (torchopt.linear_solve.solve_cg if method == "torchopt_cg"
+                     else torchopt.linear_solve.solve_normal_cg)(
+                rtol=RTOL, atol=0.0, maxiter=min(2 * n, 10_000))
+
+            @torchopt.diff.implicit.custom_root(optimality, argnums=(1, 2), solve=solve)
+            def solver(theta_init, t0, lm):
+                return star.clone()
+
+            def go():
+                t0, lm = theta0.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+                start = time.perf_counter()
+                out = solver(theta0.clone(), t0, lm)
+                (0.5 * (out - truth).pow(2).sum()).backward()
+                return (t0.grad, lm.grad), time.perf_counter() - start, {}
+
+            go()  # warm-up
+        elif method == "theseus":
+            import theseus as th
+
+            dt = torch.float64
+            x = th.Vector(n, name="x", dtype=dt)
+            x0 = th.Vector(n, name="x0", dtype=dt)
+            yv = th.Variable(data["y"], name="y")
+            wv = th.Variable(data["w"], name="w")
+            sqrt_lam = th.Variable(lam.sqrt(), name="sqrt_lam")
+
+            def err(optim_vars, aux_vars):
+                return residuals(optim_vars[0].tensor, aux_vars[0].tensor, aux_vars[1].tensor)
+
+            objective = th.Objective(dtype=dt)
+            one = th.ScaleCostWeight(torch.tensor(1.0, dtype=dt), name="one")
+            objective.add(th.AutoDiffCostFunction([x], err, 2 * n - 1, aux_vars=[yv, wv],
+                                                  cost_weight=one, name="data",
+                                                  autograd_mode="dense"))
+            objective.add(th.Difference(x, x0, th.DiagonalCostWeight(sqrt_lam), name="prior"))
+            optimizer = th.GaussNewton(objective, th.CholeskyDenseSolver,
+                                       max_iterations=2 if problem == "ridge" else 12, step_size=1.0,
+                                       abs_err_tolerance=1e-12, rel_err_tolerance=1e-12)
+            layer = th.TheseusLayer(optimizer)
+
+            def go():  # no warm-up: its forward is the expensive part
+                t0, lm = theta0.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+                start = time.perf_counter()
+                out, _ = layer.forward({"x": theta0.clone(), "x0": t0, "sqrt_lam": lm.sqrt(),
+                                        "y": data["y"], "w": data["w"]},
+                                       optimizer_kwargs={"backward_mode": "implicit", "damping": 0.0})
+                forward_s = time.perf_counter() - start
+                start = time.perf_counter()
+                (0.5 * (out["x"] - truth).pow(2).sum()).backward()
+                grad_s = time.perf_counter() - start
+                return (t0.grad, lm.grad), grad_s, {
+                    "forward_s": round(forward_s, 4),
+                    "solution_max_abs_diff": float((out["x"].detach() - star).abs().max())}
+        elif method == "jaxopt":
+            import jax
+            import jax.numpy as jnp
+            from jaxopt import implicit_diff, linear_solve
+
+            jax.config.update("jax_enable_x64", True)
+            y, w = jnp.asarray(data["y"].numpy()[0]), jnp.asarray(data["w"].numpy()[0])
+            star_j, truth_j = jnp.asarray(star.numpy()[0]), jnp.asarray(truth.numpy()[0])
+
+            def energy(theta, t0, lm):
+                fit = w * ((theta if problem == "ridge" else jnp.tanh(theta)) - y)
+                r = jnp.concatenate([fit, theta[1:] - theta[:-1]])
+                return 0.5 * jnp.sum(r * r) + 0.5 * jnp.sum(lm * (theta - t0) ** 2)
+
+            optimality = jax.grad(energy)
+            solve = lambda matvec, b: linear_solve.solve_cg(  # noqa: E731
+                matvec, b, tol=RTOL, maxiter=min(2 * n, 10_000))
+
+            @implicit_diff.custom_root(optimality, solve=solve)
+            def solver(init, t0, lm):
+                return jax.lax.stop_gradient(star_j)
+
+            def loss(t0, lm):
+                return 0.5 * jnp.sum((solver(None, t0, lm) - truth_j) ** 2)
+
+            grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+            t0_j, lm_j = jnp.asarray(theta0.numpy()[0]), jnp.asarray(lam.numpy()[0])
+            start = time.perf_counter()
+            jax.block_until_ready(grad_fn(t0_j, lm_j))  # compiles (not in the peak memory)
+            first = {"first_call_s_with_compile": round(time.perf_counter() - start, 4)}
+
+            def go():
+                start = time.perf_counter()
+                g = jax.block_until_ready(grad_fn(t0_j, lm_j))
+                grad_s = time.perf_counter() - start
+                return tuple(torch.from_numpy(jax.device_get(gi).copy())[None] for gi in g), \
+                    grad_s, first
+        else:
+            raise ValueError(method)
+        return go
+
+    if case.get("interleave"):
+        return _interleaved(case, make_go, problem, n)
+    hessian = _hessian(method)
     ref_path = cache / f"{problem}-{n}-{hessian}-grad.pt"
     record = {"problem": problem, "n": n, "method": method}
-    if method.startswith("difftto"):
-        from implicit_vs_unrolled import _Fixed
-
-        preconditioner = "identity" if method.endswith("identity") else "jacobi"
-        if method == "difftto_diag":
-            name = _register(problem, with_diagonal=True)
-
-        def layer_for(point, size):
-            return difftto.ImplicitLayer(
-                name, inner=_Fixed(point), hessian=hessian,
-                solver=difftto.solvers.PCG(rtol=RTOL, max_iter=min(2 * size, 10_000),
-                                           preconditioner=preconditioner))
-
-        layer = layer_for(star, n)
-
-        def go():
-            t0, lm = theta0.clone().requires_grad_(True), lam.clone().requires_grad_(True)
-            out, info = layer(t0, lm, data)
-            start = time.perf_counter()
-            (0.5 * (out - truth).pow(2).sum()).backward()
-            grad_s = time.perf_counter() - start
-            return (t0.grad, lm.grad), grad_s, {
-                "iterations": int(info.backward.iterations.max()),
-                "status": [int(s) for s in info.backward.status]}
-
-        # Warm-up at this n, as TorchOpt's and JAXopt's (its compile) get: torch.func's and
-        # make_fx's first use cost ~1 s, and the products are traced once per problem and
-        # shape (jvp_mode="auto" from 10^4 unknowns); the timed call reuses the trace.
-        go()
-    elif method.startswith("torchopt"):
-        import torchopt
-
-        def data_term(theta):
-            return 0.5 * residuals(theta, data["y"], data["w"], data["s"]).pow(2).sum()
-
-        def optimality(theta, t0, lm):
-            # torch.func.grad: TorchOpt differentiates this with functorch transforms.
-            return torch.func.grad(data_term)(theta) + lm * (theta - t0)
-
-        solve = (torchopt.linear_solve.solve_cg if method == "torchopt_cg"
-                 else torchopt.linear_solve.solve_normal_cg)(
-            rtol=RTOL, atol=0.0, maxiter=min(2 * n, 10_000))
-
-        @torchopt.diff.implicit.custom_root(optimality, argnums=(1, 2), solve=solve)
-        def solver(theta_init, t0, lm):
-            return star.clone()
-
-        def go():
-            t0, lm = theta0.clone().requires_grad_(True), lam.clone().requires_grad_(True)
-            start = time.perf_counter()
-            out = solver(theta0.clone(), t0, lm)
-            (0.5 * (out - truth).pow(2).sum()).backward()
-            return (t0.grad, lm.grad), time.perf_counter() - start, {}
-
-        go()  # warm-up
-    elif method == "theseus":
-        import theseus as th
-
-        dt = torch.float64
-        x = th.Vector(n, name="x", dtype=dt)
-        x0 = th.Vector(n, name="x0", dtype=dt)
-        yv = th.Variable(data["y"], name="y")
-        wv = th.Variable(data["w"], name="w")
-        sqrt_lam = th.Variable(lam.sqrt(), name="sqrt_lam")
-
-        def err(optim_vars, aux_vars):
-            return residuals(optim_vars[0].tensor, aux_vars[0].tensor, aux_vars[1].tensor)
-
-        objective = th.Objective(dtype=dt)
-        one = th.ScaleCostWeight(torch.tensor(1.0, dtype=dt), name="one")
-        objective.add(th.AutoDiffCostFunction([x], err, 2 * n - 1, aux_vars=[yv, wv],
-                                              cost_weight=one, name="data",
-                                              autograd_mode="dense"))
-        objective.add(th.Difference(x, x0, th.DiagonalCostWeight(sqrt_lam), name="prior"))
-        optimizer = th.GaussNewton(objective, th.CholeskyDenseSolver,
-                                   max_iterations=2 if problem == "ridge" else 12, step_size=1.0,
-                                   abs_err_tolerance=1e-12, rel_err_tolerance=1e-12)
-        layer = th.TheseusLayer(optimizer)
-
-        def go():  # no warm-up: its forward is the expensive part
-            t0, lm = theta0.clone().requires_grad_(True), lam.clone().requires_grad_(True)
-            start = time.perf_counter()
-            out, _ = layer.forward({"x": theta0.clone(), "x0": t0, "sqrt_lam": lm.sqrt(),
-                                    "y": data["y"], "w": data["w"]},
-                                   optimizer_kwargs={"backward_mode": "implicit", "damping": 0.0})
-            forward_s = time.perf_counter() - start
-            start = time.perf_counter()
-            (0.5 * (out["x"] - truth).pow(2).sum()).backward()
-            grad_s = time.perf_counter() - start
-            return (t0.grad, lm.grad), grad_s, {
-                "forward_s": round(forward_s, 4),
-                "solution_max_abs_diff": float((out["x"].detach() - star).abs().max())}
-    elif method == "jaxopt":
-        import jax
-        import jax.numpy as jnp
-        from jaxopt import implicit_diff, linear_solve
-
-        jax.config.update("jax_enable_x64", True)
-        y, w = jnp.asarray(data["y"].numpy()[0]), jnp.asarray(data["w"].numpy()[0])
-        star_j, truth_j = jnp.asarray(star.numpy()[0]), jnp.asarray(truth.numpy()[0])
-
-        def energy(theta, t0, lm):
-            fit = w * ((theta if problem == "ridge" else jnp.tanh(theta)) - y)
-            r = jnp.concatenate([fit, theta[1:] - theta[:-1]])
-            return 0.5 * jnp.sum(r * r) + 0.5 * jnp.sum(lm * (theta - t0) ** 2)
-
-        optimality = jax.grad(energy)
-        solve = lambda matvec, b: linear_solve.solve_cg(  # noqa: E731
-            matvec, b, tol=RTOL, maxiter=min(2 * n, 10_000))
-
-        @implicit_diff.custom_root(optimality, solve=solve)
-        def solver(init, t0, lm):
-            return jax.lax.stop_gradient(star_j)
-
-        def loss(t0, lm):
-            return 0.5 * jnp.sum((solver(None, t0, lm) - truth_j) ** 2)
-
-        grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        t0_j, lm_j = jnp.asarray(theta0.numpy()[0]), jnp.asarray(lam.numpy()[0])
-        start = time.perf_counter()
-        jax.block_until_ready(grad_fn(t0_j, lm_j))  # compiles (not in the peak memory)
-        first = {"first_call_s_with_compile": round(time.perf_counter() - start, 4)}
-
-        def go():
-            start = time.perf_counter()
-            g = jax.block_until_ready(grad_fn(t0_j, lm_j))
-            grad_s = time.perf_counter() - start
-            return tuple(torch.from_numpy(jax.device_get(gi).copy())[None] for gi in g), \
-                grad_s, first
-    else:
-        raise ValueError(method)
+    go = make_go(method)
     baseline_kib = _status_kib("VmRSS")
     reset = _reset_peak()
     if not reset:
@@ -345,6 +384,11 @@ def main() -> None:
     parser.add_argument("--problems", default="ridge,nls")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--interleave", default="",
+                        help="comma-separated methods to time in one process per (problem, n), "
+                             "in turns (ratios that a loaded machine's drift cannot bias; no "
+                             "memory); the first is the baseline of the ratios")
+    parser.add_argument("--rounds", type=int, default=5, help="turns per method with --interleave")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed gradient calls per case (the best is reported; the memory "
                              "process makes one)")
@@ -362,6 +406,9 @@ def main() -> None:
     records = []
     timed_out: set[tuple[str, str]] = set()
     cache = tempfile.mkdtemp(prefix="difftto-peers-")
+    if args.interleave:
+        interleaved(args, sizes, cache)
+        return
     for problem in args.problems.split(","):
         for n in sizes:
             for method in ["forward"] + args.methods.split(","):
@@ -448,6 +495,63 @@ def main() -> None:
                      f"{fwd} | {r['peak_memory_mb']:.1f} | {diff} | {'; '.join(notes)} |")
     lines.append("")
     lines += summary(records)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({"written": [str(out.with_suffix(".md")), str(out.with_suffix(".jsonl"))]}))
+
+
+def interleaved(args, sizes: list[int], cache: str) -> None:
+    """``--interleave``: per (problem, n), difftto's forward, then one process timing every
+    listed method in turns; writes ``<out>_interleaved.{jsonl,md}``."""
+    methods = args.interleave.split(",")
+    records = []
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
+    for problem in args.problems.split(","):
+        for n in sizes:
+            for case in ({"method": "forward"}, {"method": methods[0], "interleave": methods,
+                                                 "rounds": args.rounds}):
+                case |= {"problem": problem, "n": n, "threads": args.threads, "cache": cache}
+                try:
+                    done = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
+                                          capture_output=True, text=True, env=env,
+                                          timeout=args.case_timeout)
+                except subprocess.TimeoutExpired:
+                    record = {"problem": problem, "n": n, "skipped": f"over {args.case_timeout:.0f} s"}
+                else:
+                    record = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
+                              else {"problem": problem, "n": n,
+                                    "error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]})
+                records.append(record)
+                print(json.dumps(record), flush=True)
+                if "skipped" in record or "error" in record:
+                    break
+    out = Path(args.out + "_interleaved")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=HERE).stdout.strip()
+    base = methods[0]
+    lines = [f"## peers, interleaved ({time.strftime('%Y-%m-%d')}, commit {commit}, "
+             f"{args.threads} thread(s), `{' '.join(sys.argv[1:])}`)", "",
+             f"Median gradient time over {args.rounds} turns per method, all in one process per "
+             f"(problem, n), called in rotating order; ratio = the median over turns of "
+             f"time / time of `{base}` in the same turn (> 1: slower than `{base}`).", "",
+             "| problem | n | " + " | ".join(methods) + " |",
+             "|---|---:|" + "---:|" * len(methods)]
+    for r in records:
+        if "interleaved" not in r:
+            continue
+        cells = [f"{r['median_s'][m]:.4f} s ({r['median_ratio_to_' + base][m]:.2f}×)" for m in methods]
+        lines.append(f"| {r['problem']} | {r['n']:,} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in records:
+        if "interleaved" in r:
+            diffs = ", ".join(f"{m} {d:.1e}" for m, d in r["max_rel_diff_to_" + base].items() if m != base)
+            lines.append(f"- {r['problem']}, n = {r['n']:,}: max rel. diff of the gradients to "
+                         f"`{base}`: {diffs}")
+        elif "forward_s" not in r:
+            lines.append(f"- {r['problem']}, n = {r['n']:,}: {r.get('skipped') or r.get('error')}")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(json.dumps({"written": [str(out.with_suffix(".md")), str(out.with_suffix(".jsonl"))]}))
 

@@ -138,7 +138,7 @@ class InnerObjective:
         hvp = None
         if self._linearize(theta):
             # Forward-over-reverse traced once; reverse-over-reverse where forward mode fails.
-            keys, signature = _signature("hessian", self.layout, data)
+            keys, signature = _signature("hessian", self.problem, self.layout, data)
             inputs = (theta, *[data[k] for k in keys])
 
             def gradient_at(x, leaves):
@@ -152,7 +152,7 @@ class InnerObjective:
                 return torch.func.vjp(lambda y: gradient_at(y, args[:-1]), x)[1](args[-1])[0]
 
             for kind, fn in (("forward", forward_over_reverse), ("reverse", reverse_over_reverse)):
-                hvp = _fold_linear_map(fn, theta, inputs, owner=self.problem,
+                hvp = _fold_linear_map(fn, theta, inputs, owner=type(self.problem),
                                        signature=None if signature is None else (kind, signature))
                 if hvp is not None:
                     break
@@ -267,7 +267,7 @@ class InnerObjective:
 
         product = None
         if self._linearize(theta):
-            keys, signature = _signature("gauss_newton", self.layout, data)
+            keys, signature = _signature("gauss_newton", self.problem, self.layout, data)
 
             def gauss_newton(x, *args):
                 local = _with_tensors(data, keys, args[:-1])
@@ -278,7 +278,7 @@ class InnerObjective:
                 return torch.func.vjp(f, x)[1](torch.func.jvp(f, (x,), (args[-1],))[1])[0]
 
             inputs = (theta, *[data[k] for k in keys])
-            product = _fold_linear_map(gauss_newton, theta, inputs, owner=self.problem,
+            product = _fold_linear_map(gauss_newton, theta, inputs, owner=type(self.problem),
                                        signature=signature)
 
         def diag():
@@ -464,8 +464,9 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
     ``fn`` on a check vector (e.g. an extension kernel the trace cannot see would turn
     into a constant).
 
-    With an ``owner`` (the problem) and a hashable ``signature`` (shapes, dtypes, the
-    non-tensor data), the trace is kept and reused for later inputs of that signature:
+    With an ``owner`` (the problem's class) and a hashable ``signature`` (shapes, dtypes,
+    the non-tensor data and problem state), the trace is kept and reused for later inputs
+    of that signature:
     a new linearization point then costs one evaluation of the constant part, not a
     trace. The check against ``fn`` runs on every call, so a trace that does not hold at
     new inputs (data-dependent control flow) is caught, dropped, and ``None`` returned.
@@ -516,20 +517,32 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
     return apply
 
 
-def _signature(kind: str, layout: Layout, data: Data) -> tuple[tuple[str, ...], Hashable]:
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _signature(kind: str, problem: Problem, layout: Layout, data: Data
+               ) -> tuple[tuple[str, ...], Hashable]:
     """The keys of ``data`` holding tensors (the trace's inputs after θ), and the signature
-    under which a trace is reused: ``None`` when a non-tensor value of ``data`` is more
-    than a plain constant (the trace then serves this linearization point only)."""
+    under which a trace is reused by every instance of the problem's class: the kind of
+    product, the shapes, the plain values of ``data`` and of the problem's attributes.
+    ``None`` when ``data`` holds a non-tensor value that is more than a plain constant
+    (the trace then serves this linearization point only); a problem with such an
+    attribute also keys its traces by the instance."""
     keys = tuple(k for k, v in (data or {}).items() if isinstance(v, Tensor))
     parts = []
     for k, value in (data or {}).items():
         if isinstance(value, Tensor):
             parts.append((k, tuple(value.shape), value.dtype, value.device))
-        elif value is None or isinstance(value, (bool, int, float, str)):
+        elif _plain(value):
             parts.append((k, type(value).__name__, value))
         else:
             return keys, None
-    return keys, (kind, layout, tuple(parts))
+    state = getattr(problem, "__dict__", {})
+    owner = tuple(sorted((k, type(v).__name__, v) for k, v in state.items() if _plain(v)))
+    if not all(_plain(v) for v in state.values()):
+        owner += (("instance", id(problem)),)
+    return keys, (kind, owner, layout, tuple(parts))
 
 
 def _with_tensors(data: Data, keys: tuple[str, ...], tensors) -> Data:

@@ -199,11 +199,11 @@ def test_trace_is_reused_at_a_new_point_and_stays_exact():
     data, theta, lam = _setup({"batch": 2, "n": 7, "m": 3, "dtype": torch.float64, "seed": 21})
     first = _objective(problem, theta, lam, data, "linearize").gauss_newton_operator(theta)
     assert first.a._product is not None
-    traces = dict(objective_module._TRACES[problem])
+    traces = dict(objective_module._TRACES[type(problem)])
     # Another point and other data of the same shapes: no new trace, products still exact.
     data2, theta2, lam2 = _setup({"batch": 2, "n": 7, "m": 3, "dtype": torch.float64, "seed": 22})
     second = _objective(problem, theta2, lam2, data2, "linearize").gauss_newton_operator(theta2)
-    assert dict(objective_module._TRACES[problem]) == traces
+    assert dict(objective_module._TRACES[type(problem)]) == traces
     jac = _dense_jacobian(problem, theta2, data2)
     v = torch.randn(theta2.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     want = (jac.transpose(1, 2) @ jac @ v[..., None])[..., 0] + lam2 * v
@@ -235,31 +235,59 @@ def test_control_flow_on_theta_keeps_the_eager_products():
 
 
 class _ConstantBranch(difftto.Problem):
-    """Control flow on a Python value the trace bakes in (an attribute, not an input; the
-    trace refuses control flow on any tensor's value): a trace made with one value is
-    wrong for another, which the check vector must catch."""
+    """Control flow on Python state the trace bakes in (the trace refuses control flow on
+    any tensor's value). A plain attribute is part of the trace's signature; state that
+    is not (a dict) keys the traces by the instance, and a change to it in place is
+    caught by the check vector."""
 
     def __init__(self):
         self.power = 2.0
+        self.config = {"cube": False}
 
     def residuals(self, theta, data):
-        if self.power > 2.5:
+        if self.power > 2.5 or self.config["cube"]:
             return theta.pow(3) - data["y"]
         return torch.tanh(theta) - data["y"]
 
 
-def test_a_reused_trace_that_no_longer_holds_is_dropped():
+def _stale_setup():
     problem = _ConstantBranch()
-    y = torch.zeros(1, 5, dtype=torch.float64)
     point = torch.full((1, 5), 0.5, dtype=torch.float64)
-    layout = Layout.of(point)
-    op = InnerObjective(problem, layout, {"y": y}, None, jvp_mode="linearize").gauss_newton_operator(point)
+    y = torch.zeros(1, 5, dtype=torch.float64)
+
+    def operator():
+        return InnerObjective(problem, Layout.of(point), {"y": y}, None,
+                              jvp_mode="linearize").gauss_newton_operator(point)
+
+    return problem, point, operator
+
+
+def test_a_changed_plain_attribute_gets_its_own_trace():
+    problem, point, operator = _stale_setup()
+    assert operator()._product is not None
+    problem.power = 3.0  # another signature: traced again, exact
+    op = operator()
     assert op._product is not None
-    problem.power = 3.0  # same signature, other branch
-    op = InnerObjective(problem, layout, {"y": y}, None, jvp_mode="linearize").gauss_newton_operator(point)
+    v = torch.ones_like(point)
+    torch.testing.assert_close(op.mv(v), (3 * point.pow(2)).pow(2) * v)
+
+
+def test_a_reused_trace_that_no_longer_holds_is_dropped():
+    problem, point, operator = _stale_setup()
+    assert operator()._product is not None
+    problem.config["cube"] = True  # same signature, other branch: the check catches it
+    op = operator()
     assert op._product is None
     v = torch.ones_like(point)
     torch.testing.assert_close(op.mv(v), (3 * point.pow(2)).pow(2) * v)
+
+
+def test_instances_of_one_problem_class_share_traces():
+    data, theta, lam = _setup({"batch": 1, "n": 6, "m": 2, "dtype": torch.float64, "seed": 31})
+    _objective(_Coupled(), theta, lam, data, "linearize").gauss_newton_operator(theta)
+    before = dict(objective_module._TRACES[_Coupled])
+    op = _objective(_Coupled(), theta, lam, data, "linearize").gauss_newton_operator(theta)
+    assert op.a._product is not None and dict(objective_module._TRACES[_Coupled]) == before
 
 
 class _Stencil(difftto.Problem):
