@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import default_collate
 
 from difftto.problems.splatting import rasterize
-from difftto.problems.splatting.se3 import se3_exp
+from difftto.problems.splatting.se3 import se3_exp, se3_log
 from difftto.problems.splatting.synthetic import random_scene
 from examples.diff3r import pose_free
 from examples.diff3r.data import BoundedViewSampler, RE10KDataset
@@ -178,3 +178,15 @@ def test_scale_aligned_targets_scale_translation_by_the_baseline_ratio():
     out = scale_aligned_targets(target, ctx_true, ctx_pred)
     torch.testing.assert_close(out[..., :3, 3], 0.5 * target[..., :3, 3])
     torch.testing.assert_close(out[..., :3, :3], target[..., :3, :3])
+
+
+def test_pose_loss_is_zero_at_the_true_poses_only(batch):
+    model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
+    with torch.no_grad():
+        pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
+                     batch["context_far"])
+    true = se3_log(torch.linalg.inv(batch["context_extrinsics"]))
+    exact = pose_free.PoseFreeOutput({**pred.theta, "pose": true}, pred.lam, pred.depth)
+    assert float(pose_free.pose_loss(exact, batch)) < 1e-8
+    off = pose_free.PoseFreeOutput({**pred.theta, "pose": true + 0.1}, pred.lam, pred.depth)
+    assert float(pose_free.pose_loss(off, batch)) > 1e-2
