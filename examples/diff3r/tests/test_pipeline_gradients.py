@@ -26,9 +26,10 @@ def _lam_rows(model):
 
 
 @pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")  # a short PCG budget here
-def test_gradients_reach_lambda_head_and_encoder_through_the_layer(batch):
+@pytest.mark.parametrize("lam_log_range", [0.0, 1.0])  # softplus Λ, bounded Λ
+def test_gradients_reach_lambda_head_and_encoder_through_the_layer(batch, lam_log_range):
     torch.manual_seed(0)
-    model = Diff3RModel(**TINY_MODEL)
+    model = Diff3RModel(**TINY_MODEL, lam_log_range=lam_log_range)
     layer = build_layer({"inner": "adam", "steps": 5, "lr": {"means": 3e-3, "log_scales": 5e-2, "quats": 1e-2,
                                                              "opacities": 5e-2, "colors": 2.5e-2},
                          "pcg_rtol": 1e-3, "pcg_max_iter": 10}, "implicit")
