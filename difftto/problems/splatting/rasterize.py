@@ -9,8 +9,10 @@ Three backends behind one call:
   tensors when gsplat's kernels load.
 
 - ``"cpu_kernels"``: compiled C++ kernels (:mod:`.cpu_kernels`, built on first use) for
-  the binning, compositing and its backward and forward mode, with this module's torch
-  path as their tested twin; the projection stays in torch autograd.
+  the projection and its backward (gradients reach every group and ``viewmats``), the
+  binning, the compositing and its backward and forward mode, with this module's torch
+  path as their tested twin. Forward mode and second order of the projection run through
+  its torch twin; when ``Ks`` requires grad the projection runs in torch autograd.
 
 ``backend="auto"`` picks gsplat for CUDA tensors when it can run, the CPU kernels for
 float32/float64 CPU tensors (compiling them on first use), torch otherwise; a backend
