@@ -1,8 +1,9 @@
 """Rendering and Gauss-Newton products, pure-PyTorch vs compiled CPU kernels, side by side.
 
-One JSON line per case, both backends measured in the same process, one after the
-other for every quantity. Cases are pixel-aligned scenes (one Gaussian per pixel of 2
-source views, what a feed-forward model predicts) rendered into the same 2 views:
+One JSON line per case, both backends measured in the same process, interleaved: every
+repeat of a quantity times each backend once, in turn. Cases are pixel-aligned scenes (one
+Gaussian per pixel of 2 source views, what a feed-forward model predicts) rendered into the
+same 2 views:
 2 × 32² = 2048 Gaussians → 32×32, 2 × 64² = 8192 → 64×64, 2 × 128² = 32768 → 128×128.
 
 Fields per backend (milliseconds, minimum over ``--repeats``):
@@ -55,17 +56,23 @@ from difftto.problems.splatting.cpu_kernels import cpu_kernels_available
 from difftto.problems.splatting.synthetic import pixel_aligned_scene
 
 
-def _best_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def _best_ms(fns: dict, repeats: int) -> dict:
+    """``{name: best milliseconds}`` of the callables ``fns``, timed in turn within every
+    repeat (interleaved, so that the load of a shared machine falls on all of them alike)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return round(1e3 * best, 2)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: round(1e3 * t, 2) for name, t in best.items()}
 
 
-def _backend_timings(backend: str, theta, data, size: int, repeats: int, gen) -> dict:
+def _quantities(backend: str, theta, data, size: int, gen, info: dict):
+    """Yields ``(quantity, callable)`` in the same order for both backends (torch stops
+    before ``diag``); a callable may use what an earlier one made once it has run."""
     V, K = data["viewmats"], data["Ks"]
     dtype = theta["means"].dtype
     cotangent = torch.randn(data["images"].shape, generator=gen, dtype=dtype)
@@ -73,50 +80,42 @@ def _backend_timings(backend: str, theta, data, size: int, repeats: int, gen) ->
     params = {k: v.clone().requires_grad_() for k, v in theta.items()}
     problem = GaussianSplattingProblem(backend=backend)
     frozen = problem.freeze(theta, data)
-    out = {}
-    out["forward"] = _best_ms(lambda: rasterize(theta, V, K, size, size, backend=backend), repeats)
+    yield "forward", lambda: rasterize(theta, V, K, size, size, backend=backend)
 
     def fwd_bwd():
         colors = rasterize(params, V, K, size, size, backend=backend).colors
         torch.autograd.backward(colors, cotangent)
 
-    out["fwd_bwd"] = _best_ms(fwd_bwd, repeats)
+    yield "fwd_bwd", fwd_bwd
     w = cotangent.reshape(cotangent.shape[0], -1)
+    holder = {}
     if backend == "torch":
         def residual(t):
             return problem.residuals(t, frozen)
 
-        holder = {}
-
         def linearize():
             holder["vjp"] = torch.func.vjp(residual, theta)[1]
 
-        out["linearize"] = _best_ms(linearize, repeats)
+        yield "linearize", linearize
         vjp_fn = holder["vjp"]
 
         def jvp():
             return torch.func.jvp(residual, (theta,), (tangent,))[1]
 
-        def vjp():
-            return vjp_fn(w)[0]
-
-        out["jvp"] = _best_ms(jvp, repeats)
-        out["vjp"] = _best_ms(vjp, repeats)
-        out["gn_product"] = _best_ms(lambda: vjp_fn(jvp())[0], repeats)
+        yield "jvp", jvp
+        yield "vjp", lambda: vjp_fn(w)[0]
+        yield "gn_product", lambda: vjp_fn(jvp())[0]
     else:
-        holder = {}
-
         def linearize():
             holder["lin"] = problem.linearize(theta, frozen)
 
-        out["linearize"] = _best_ms(linearize, repeats)
+        yield "linearize", linearize
         lin = holder["lin"]
-        out["jvp"] = _best_ms(lambda: lin.jvp(tangent), repeats)
-        out["vjp"] = _best_ms(lambda: lin.vjp(w), repeats)
-        out["gn_product"] = _best_ms(lambda: lin.vjp(lin.jvp(tangent)), repeats)
-        out["diag"] = _best_ms(lin.gauss_newton_diagonal, repeats)
-        out["pairs"] = int(lin._structure.pair_gauss.numel())
-    return out
+        info["pairs"] = int(lin._structure.pair_gauss.numel())
+        yield "jvp", lambda: lin.jvp(tangent)
+        yield "vjp", lambda: lin.vjp(w)
+        yield "gn_product", lambda: lin.vjp(lin.jvp(tangent))
+        yield "diag", lin.gauss_newton_diagonal
 
 
 def run_case(size: int, dtype: torch.dtype, repeats: int) -> dict:
@@ -129,8 +128,17 @@ def run_case(size: int, dtype: torch.dtype, repeats: int) -> dict:
         "threads": torch.get_num_threads(),
         "malloc_tuned": os.environ.get("MALLOC_MMAP_MAX_") == "0",
     }
-    for backend in ("torch", "cpu_kernels"):
-        result[backend] = _backend_timings(backend, theta, data, size, repeats, torch.Generator().manual_seed(0))
+    backends = ("torch", "cpu_kernels")
+    info = {b: {} for b in backends}
+    steps = {b: _quantities(b, theta, data, size, torch.Generator().manual_seed(0), info[b]) for b in backends}
+    while True:  # one quantity at a time, both backends interleaved
+        step = {b: item for b in backends if (item := next(steps[b], None)) is not None}
+        if not step:
+            break
+        times = _best_ms({b: fn for b, (_, fn) in step.items()}, repeats)
+        for b, (quantity, _) in step.items():
+            info[b][quantity] = times[b]
+    result.update(info)
     t, k = result["torch"], result["cpu_kernels"]
     for name in ("forward", "fwd_bwd", "jvp", "vjp", "gn_product"):
         result[f"speedup_{name}"] = round(t[name] / k[name], 2)
@@ -221,9 +229,11 @@ def run_gsplat_baseline(size: int, dtype: torch.dtype, repeats: int) -> dict:
               "threads": torch.get_num_threads(), "max_abs_diff_colors": diff_rgb, "max_abs_diff_alphas": diff_alpha}
     renders = {"gsplat_torch_reference": lambda p: per_pixel_render(p, viewmats, Ks, size, size)[0],
                "cpu_kernels": lambda p: rasterize(p, viewmats, Ks, size, size, backend="cpu_kernels").colors}
-    for name, render in renders.items():
-        result[name] = {"forward": _best_ms(lambda r=render: r(theta), repeats),
-                        "fwd_bwd": _best_ms(lambda r=render: torch.autograd.backward(r(params), cotangent), repeats)}
+    forward = _best_ms({name: lambda r=render: r(theta) for name, render in renders.items()}, repeats)
+    fwd_bwd = _best_ms({name: lambda r=render: torch.autograd.backward(r(params), cotangent)
+                        for name, render in renders.items()}, repeats)
+    for name in renders:
+        result[name] = {"forward": forward[name], "fwd_bwd": fwd_bwd[name]}
     for field in ("forward", "fwd_bwd"):
         result[f"speedup_{field}"] = round(result["gsplat_torch_reference"][field] / result["cpu_kernels"][field], 2)
     return result
