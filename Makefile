@@ -6,6 +6,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.difftto-installed
 
+# Compile the CPU kernels once (cached per machine) before tests or the demo start
+# processes that would otherwise each wait on the compile.
+KERNELS := $(PY) -c "from difftto.problems.splatting.cpu_kernels import cpu_kernels_available as a; ok, why = a(); print('difftto CPU kernels:', 'ready' if ok else why)"
+
 .PHONY: demo quickstart test lint bench clean-venv
 
 $(STAMP): pyproject.toml scripts/install.sh
@@ -13,6 +17,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(KERNELS)
 	$(PY) examples/diff3r/demo.py
 
 quickstart: $(STAMP)
@@ -20,6 +25,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(KERNELS)
 	# Two pytest workers with one torch thread each: no oversubscription of 2 cores.
 	OMP_NUM_THREADS=1 HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -n 2 -q
 
