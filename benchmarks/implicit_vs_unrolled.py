@@ -51,6 +51,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,12 +224,26 @@ def run_case(case: dict) -> dict:
     loss.backward()
     backward_s = time.perf_counter() - start
     peak_kib = _status_kib("VmHWM")
+    # More forward+backward pairs (--repeats): on a loaded machine one pair's ratio moves
+    # with the load; the median of the per-pair ratios does much less.
+    pairs = [(forward_s, backward_s)]
+    for _ in range(case.get("repeats", 1) - 1):
+        t0r, lmr, _, _ = _leaves(theta0, lam)
+        start = time.perf_counter()
+        star_r, _ = layer(t0r, lmr, data)
+        middle = time.perf_counter()
+        outer(star_r).backward()
+        pairs.append((middle - start, time.perf_counter() - middle))
+    if len(pairs) > 1:
+        forward_s = statistics.median(f for f, _ in pairs)
+        backward_s = statistics.median(b for _, b in pairs)
 
     record = {
         "problem": case["problem"], "mode": mode, "steps": steps,
         "n": sum(leaf.numel() for leaf in theta_leaves),
         "forward_s": round(forward_s, 4), "backward_s": round(backward_s, 4),
-        "backward_over_forward": round(backward_s / forward_s, 3),
+        "backward_over_forward": round(statistics.median(b / f for f, b in pairs), 3),
+        "repeats": len(pairs),
         "peak_memory_mb": round(max(peak_kib - baseline_kib, 0) / 1024, 1),
         "peak_reset": reset,
         "stationarity": float(info.forward.stationarity.max()),
@@ -530,7 +545,7 @@ def _case(case: dict, timeout: float) -> dict:
     timed = _subprocess("--case", case, timeout, {})
     if "error" in timed:
         return timed
-    memory = _subprocess("--case", case, timeout, MALLOC_ENV)
+    memory = _subprocess("--case", case | {"repeats": 1}, timeout, MALLOC_ENV)
     if "error" in memory:
         return memory
     return timed | {"peak_memory_mb": memory["peak_memory_mb"], "peak_reset": memory["peak_reset"]}
@@ -550,6 +565,9 @@ def main() -> None:
     parser.add_argument("--rtol", type=float, default=1e-4, help="PCG rtol of 'implicit'")
     parser.add_argument("--max-iter", type=int, default=1000)
     parser.add_argument("--truncate", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="forward+backward pairs per timed case (medians reported; the "
+                             "ratio is the median of the per-pair ratios)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--case-timeout", type=float, default=300.0)
     parser.add_argument("--out", default=str(RESULTS / "implicit_vs_unrolled"),
@@ -573,7 +591,8 @@ def main() -> None:
     modes = args.modes.split(",")
     problems = ["3dgs", "nls"] if args.problem == "both" else [args.problem]
     common = {"threads": args.threads, "size": size, "n": args.nls_n, "lam_scale": args.lam_scale,
-              "rtol": args.rtol, "max_iter": args.max_iter, "truncate": args.truncate}
+              "rtol": args.rtol, "max_iter": args.max_iter, "truncate": args.truncate,
+              "repeats": args.repeats}
     tmp = tempfile.mkdtemp(prefix="difftto-ivu-")
     records, refs = [], {}
     for problem in problems:
