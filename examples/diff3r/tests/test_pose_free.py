@@ -56,10 +56,11 @@ def test_gaussians_are_pixel_aligned_in_their_predicted_camera(batch):
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
     with torch.no_grad():  # non-trivial poses, so a wrong frame would be visible
         model.pose_out.bias[:6] = torch.tensor([0.3, -0.2, 0.1, 0.5, -0.4, 0.3])
-    pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+        pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
+                     batch["context_far"])
     B, V, _, H, W = batch["context_images"].shape
     assert pred.theta["pose"].shape == (B, V, 6) and pred.lam["pose"].shape == (B, V)
-    pose = pred.theta["pose"].detach()
+    pose = pred.theta["pose"]
     assert float(pose[:, 0].abs().max()) == 0 and float(pose[:, 1].abs().max()) > 0.05
     K = batch["context_intrinsics"] * torch.tensor([float(W), float(H), 1.0])[:, None]
     means = pred.theta["means"].reshape(B, V, H * W, 3)
