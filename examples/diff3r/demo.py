@@ -46,6 +46,42 @@ from examples.diff3r.train import CHECKPOINT_NAME, compose_config, train  # noqa
 
 CONVERGENCE_STEPS = (0, 10, 20, 40, 80)
 
+#: What each stage trained through the layer does, for the progress lines.
+_THROUGH_LAYER = {
+    "diff3r": "Diff3R: {steps} steps through the TTO layer from the pre-trained weights",
+    "no_uncertainty": "no_uncertainty: {steps} steps through the TTO layer with a constant Λ (model.lam_init)",
+}
+
+
+def train_stages(out: Path, common: list[str], pretrain_steps: int, steps: int, theta0_weight: float,
+                 modes: tuple[str, ...] = ("diff3r", "no_uncertainty"), label: str = "") -> dict[str, dict]:
+    """The demo's training stages, each a ``train.py`` run with the overrides ``common``:
+    pre-train ``zero_shot`` for ``pretrain_steps`` (its checkpoint copied to
+    ``out/pretrain.pt``), continue it for ``steps`` more as the baseline, then train each
+    of ``modes`` for ``steps`` from the pre-trained weights (``loss.theta0=theta0_weight``).
+    Checkpoints go to ``out/<mode>/``; ``label`` prefixes the progress lines, which count
+    an evaluation stage after these. Returns each stage's ``train`` summary by name
+    (``pretrain``, ``zero_shot`` and the modes)."""
+    n = len(modes) + 3
+    total = pretrain_steps + steps
+    print(f"== 1/{n} {label}pre-training zero_shot for {pretrain_steps} steps", flush=True)
+    zs_dir = out / "zero_shot"
+    runs = {"pretrain": train(compose_config([*common, "mode=zero_shot", f"steps={pretrain_steps}",
+                                              f"out_dir={zs_dir}", "resume=true"]))}
+    pretrain_ckpt = out / "pretrain.pt"
+    if not pretrain_ckpt.is_file():
+        shutil.copyfile(zs_dir / CHECKPOINT_NAME, pretrain_ckpt)
+
+    print(f"== 2/{n} {label}zero_shot baseline: {steps} more steps (to {total})", flush=True)
+    runs["zero_shot"] = train(compose_config([*common, "mode=zero_shot", f"steps={total}", f"out_dir={zs_dir}",
+                                              "resume=true"]))
+    for i, mode in enumerate(modes, start=3):
+        print(f"== {i}/{n} {label}" + _THROUGH_LAYER[mode].format(steps=steps), flush=True)
+        runs[mode] = train(compose_config([*common, f"mode={mode}", f"steps={steps}", f"out_dir={out / mode}",
+                                           f"init_from={pretrain_ckpt}", "resume=true",
+                                           f"loss.theta0={theta0_weight}"]))
+    return runs
+
 
 def convergence_table(results: dict) -> str:
     """Target (and context) PSNR of each TTO row after k test-time steps, as Markdown."""
@@ -81,29 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     started = time.perf_counter()
     common = [f"threads={args.threads}", f"progress={str(args.progress).lower()}", *args.overrides]
-    total = args.pretrain_steps + args.steps
-
-    print(f"== 1/5 pre-training zero_shot for {args.pretrain_steps} steps", flush=True)
-    zs_dir = out / "zero_shot"
-    pre = train(compose_config([*common, "mode=zero_shot", f"steps={args.pretrain_steps}", f"out_dir={zs_dir}",
-                                "resume=true"]))
-    pretrain_ckpt = out / "pretrain.pt"
-    if not pretrain_ckpt.is_file():
-        shutil.copyfile(zs_dir / CHECKPOINT_NAME, pretrain_ckpt)
-
-    print(f"== 2/5 zero_shot baseline: {args.steps} more steps (to {total})", flush=True)
-    zs = train(compose_config([*common, "mode=zero_shot", f"steps={total}", f"out_dir={zs_dir}", "resume=true"]))
-
-    print(f"== 3/5 Diff3R: {args.steps} steps through the TTO layer from the pre-trained weights", flush=True)
-    d3_dir = out / "diff3r"
-    d3 = train(compose_config([*common, "mode=diff3r", f"steps={args.steps}", f"out_dir={d3_dir}",
-                               f"init_from={pretrain_ckpt}", "resume=true", f"loss.theta0={args.theta0_weight}"]))
-
-    print(f"== 4/5 no_uncertainty: {args.steps} steps through the TTO layer with a constant Λ (model.lam_init)",
-          flush=True)
-    nu_dir = out / "no_uncertainty"
-    nu = train(compose_config([*common, "mode=no_uncertainty", f"steps={args.steps}", f"out_dir={nu_dir}",
-                               f"init_from={pretrain_ckpt}", "resume=true", f"loss.theta0={args.theta0_weight}"]))
+    runs = train_stages(out, common, args.pretrain_steps, args.steps, args.theta0_weight)
+    pre, zs, d3, nu = runs["pretrain"], runs["zero_shot"], runs["diff3r"], runs["no_uncertainty"]
+    zs_dir, d3_dir, nu_dir = out / "zero_shot", out / "diff3r", out / "no_uncertainty"
 
     print("== 5/5 evaluation on held-out scenes", flush=True)
     results = evaluate(zs_dir / CHECKPOINT_NAME, d3_dir / CHECKPOINT_NAME, out / "eval",

@@ -47,7 +47,6 @@ import difftto  # noqa: E402
 from examples.diff3r.data import covisibility, normalized_to_pixel_intrinsics  # noqa: E402
 from examples.diff3r.figures import colorize, image_grid, line_plot  # noqa: E402
 from examples.diff3r.metrics import finite_mean, load_lpips, lpips_distance, psnr, ssim  # noqa: E402
-from examples.diff3r.model import Diff3RModel  # noqa: E402
 from examples.diff3r.pipeline import build_layer, render_views, run_pipeline  # noqa: E402
 from examples.diff3r.train import make_dataset, model_from_checkpoint, prepare_data  # noqa: E402
 
@@ -60,9 +59,29 @@ class Row:
     (``"predicted"`` or a constant)."""
 
     name: str
-    model: Diff3RModel
+    model: torch.nn.Module  # a Diff3RModel (the pose-free evaluation: a PoseFreeModel)
     tto: bool
     lam: Any = "predicted"
+
+
+def checkpoint_rows(zero_shot: str | Path, diff3r: str | Path | None = None, *,
+                    no_uncertainty: str | Path | None = None, unrolled: str | Path | None = None,
+                    naive_lam: float = 1e-4) -> tuple[list[Row], dict]:
+    """The rows of the given checkpoints: ``zero-shot`` and ``zero-shot + TTO`` (constant
+    Λ ``naive_lam``), ``Diff3R`` and ``Diff3R + TTO`` (its predicted Λ), ``no-uncertainty
+    + TTO`` and ``unrolled + TTO`` (the Λ they were trained with). Returns the rows and
+    the checkpoint state whose config the evaluation reads (Diff3R's, else zero-shot's)."""
+    zs_model, ref_state = model_from_checkpoint(zero_shot)
+    rows = [Row("zero-shot", zs_model, False), Row("zero-shot + TTO", zs_model, True, float(naive_lam))]
+    if diff3r is not None:
+        d_model, ref_state = model_from_checkpoint(diff3r)
+        rows += [Row("Diff3R", d_model, False), Row("Diff3R + TTO", d_model, True)]
+    for name, path in (("no-uncertainty + TTO", no_uncertainty), ("unrolled + TTO", unrolled)):
+        if path is not None:
+            m, state = model_from_checkpoint(path)
+            lam = "predicted" if state["config"]["mode"]["lam"] == "predicted" else state["config"]["model"]["lam_init"]
+            rows.append(Row(name, m, True, lam))
+    return rows, ref_state
 
 
 def corrupt_exposure(images: torch.Tensor, view: int = 1, factor: float = 1.5) -> torch.Tensor:
@@ -168,17 +187,8 @@ def evaluate(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    zs_model, zs_state = model_from_checkpoint(zero_shot)
-    rows = [Row("zero-shot", zs_model, False), Row("zero-shot + TTO", zs_model, True, float(naive_lam))]
-    ref_state = zs_state
-    if diff3r is not None:
-        d_model, ref_state = model_from_checkpoint(diff3r)
-        rows += [Row("Diff3R", d_model, False), Row("Diff3R + TTO", d_model, True)]
-    for name, path in (("no-uncertainty + TTO", no_uncertainty), ("unrolled + TTO", unrolled)):
-        if path is not None:
-            m, state = model_from_checkpoint(path)
-            lam = "predicted" if state["config"]["mode"]["lam"] == "predicted" else state["config"]["model"]["lam_init"]
-            rows.append(Row(name, m, True, lam))
+    rows, ref_state = checkpoint_rows(zero_shot, diff3r, no_uncertainty=no_uncertainty, unrolled=unrolled,
+                                      naive_lam=naive_lam)
     cfg = OmegaConf.create(ref_state["config"])
     if data_root is not None:
         cfg.data.root = str(data_root)

@@ -58,6 +58,56 @@ _HEAD_CHANNELS = {"depth": 1, "offset": 2, "scale": 3, "quat": 4, "opacity": 1, 
 _SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(_SOFTPLUS_ONE) == 1
 
 
+def check_scale_opacity(scale_min: float, scale_init: float, scale_max: float, opacity_init: float) -> None:
+    """Raise ``ValueError`` unless ``0 < scale_min < scale_init < scale_max`` and ``0 < opacity_init < 1``."""
+    if not 0 < scale_min < scale_init < scale_max:
+        raise ValueError(
+            f"scale_min, scale_init, scale_max: expected 0 < scale_min < scale_init < scale_max, "
+            f"got {scale_min}, {scale_init}, {scale_max}"
+        )
+    if not 0 < opacity_init < 1:
+        raise ValueError(f"opacity_init: expected a value in (0, 1), got {opacity_init}")
+
+
+def lam_init_values(lam_init: float | Mapping[str, float], groups: tuple[str, ...]) -> list[float]:
+    """``lam_init`` (a number for all groups, or a dict by group) as one float per group
+    of ``groups``, in order. Raises ``ValueError`` on a missing group or a value ``<= 0``."""
+    if isinstance(lam_init, Mapping):
+        missing = set(groups) - set(lam_init)
+        if missing:
+            raise ValueError(f"lam_init: missing groups {sorted(missing)}; expected keys {list(groups)}")
+        values = [float(lam_init[g]) for g in groups]
+    else:
+        values = [float(lam_init)] * len(groups)
+    if min(values) <= 0:
+        raise ValueError(f"lam_init: expected values > 0, got {values}")
+    return values
+
+
+def channel_slices(channels: Mapping[str, int]) -> dict[str, slice]:
+    """The slice of each named output of a head whose channels are ``channels`` (name → count), in order."""
+    out, start = {}, 0
+    for name, n in channels.items():
+        out[name] = slice(start, start + n)
+        start += n
+    return out
+
+
+def init_gaussian_head(last: nn.Conv2d, slices: Mapping[str, slice], scale_min: float, scale_max: float,
+                       scale_init: float, opacity_init: float, lam_bias: float = _SOFTPLUS_ONE) -> None:
+    """Start a Gaussian head's last convolution near a constant output: small weights, the
+    scale bias at ``scale_init`` (a sigmoid between ``scale_min`` and ``scale_max``), the
+    opacity bias at ``opacity_init`` (sigmoid), the Λ bias at ``lam_bias``, others 0."""
+    nn.init.normal_(last.weight, std=1e-3)
+    bias = torch.zeros(last.out_channels)
+    frac = (scale_init - scale_min) / (scale_max - scale_min)
+    bias[slices["scale"]] = math.log(frac / (1 - frac))
+    bias[slices["opacity"]] = math.log(opacity_init / (1 - opacity_init))
+    bias[slices["lam"]] = lam_bias
+    with torch.no_grad():
+        last.bias.copy_(bias)
+
+
 @dataclass
 class ModelOutput:
     """What :class:`Diff3RModel` predicts for a batch of ``B`` scenes with ``V`` context views.
@@ -156,24 +206,10 @@ class Diff3RModel(nn.Module):
         lam_log_range: float = 0.0,
     ):
         super().__init__()
-        if not 0 < scale_min < scale_init < scale_max:
-            raise ValueError(
-                f"scale_min, scale_init, scale_max: expected 0 < scale_min < scale_init < scale_max, "
-                f"got {scale_min}, {scale_init}, {scale_max}"
-            )
-        if not 0 < opacity_init < 1:
-            raise ValueError(f"opacity_init: expected a value in (0, 1), got {opacity_init}")
+        check_scale_opacity(scale_min, scale_init, scale_max, opacity_init)
         if depth_candidates < 2:
             raise ValueError(f"depth_candidates: expected >= 2, got {depth_candidates}")
-        if isinstance(lam_init, Mapping):
-            missing = set(GROUPS) - set(lam_init)
-            if missing:
-                raise ValueError(f"lam_init: missing groups {sorted(missing)}; expected keys {list(GROUPS)}")
-            lam_values = [float(lam_init[g]) for g in GROUPS]
-        else:
-            lam_values = [float(lam_init)] * len(GROUPS)
-        if min(lam_values) <= 0:
-            raise ValueError(f"lam_init: expected values > 0, got {lam_values}")
+        lam_values = lam_init_values(lam_init, GROUPS)
         self.scale_min, self.scale_max = float(scale_min), float(scale_max)
         self.depth_candidates = int(depth_candidates)
         self.lam_min = float(lam_min)
@@ -191,27 +227,15 @@ class Diff3RModel(nn.Module):
         self._init_heads(scale_init, opacity_init)
 
     def _init_heads(self, scale_init: float, opacity_init: float) -> None:
-        last = self.head[-1]
-        nn.init.normal_(last.weight, std=1e-3)
-        bias = torch.zeros(last.out_channels)
-        sl = self._slices()
-        frac = (scale_init - self.scale_min) / (self.scale_max - self.scale_min)
-        bias[sl["scale"]] = math.log(frac / (1 - frac))
-        bias[sl["opacity"]] = math.log(opacity_init / (1 - opacity_init))
-        bias[sl["lam"]] = 0.0 if self.lam_log_range > 0 else _SOFTPLUS_ONE
-        with torch.no_grad():
-            last.bias.copy_(bias)
+        init_gaussian_head(self.head[-1], self._slices(), self.scale_min, self.scale_max, scale_init, opacity_init,
+                           lam_bias=0.0 if self.lam_log_range > 0 else _SOFTPLUS_ONE)
         cost_last = self.cost_refine[-1]
         nn.init.zeros_(cost_last.weight)
         nn.init.zeros_(cost_last.bias)
 
     @staticmethod
     def _slices() -> dict[str, slice]:
-        out, start = {}, 0
-        for name, n in _HEAD_CHANNELS.items():
-            out[name] = slice(start, start + n)
-            start += n
-        return out
+        return channel_slices(_HEAD_CHANNELS)
 
     def forward(self, images: Tensor, intrinsics: Tensor, c2w: Tensor, near: Tensor, far: Tensor) -> ModelOutput:
         """Predict Gaussians and Λ.

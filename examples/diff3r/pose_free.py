@@ -1,9 +1,9 @@
 """The pose-free Diff3R variant: unposed context views → depth, relative poses,
 pixel-aligned Gaussians in the first view's frame, and Λ for Gaussians *and* poses.
 
-It shares nothing with the pose-given encoder (``model.py``) but the TTO layer: no
-cost volume (there are no poses to sweep with), its own CNNs, and the cameras are
-part of what the layer refines.
+It shares with the pose-given encoder (``model.py``) only the TTO layer and the
+output heads' initialization: no cost volume (there are no poses to sweep with), its
+own CNNs, and the cameras are part of what the layer refines.
 
 Model (every step differentiable):
 
@@ -46,6 +46,7 @@ from torch import Tensor, nn
 import difftto
 from difftto.problems.splatting import rasterize
 from difftto.problems.splatting.se3 import se3_exp, se3_log
+from examples.diff3r.model import channel_slices, check_scale_opacity, init_gaussian_head, lam_init_values
 
 __all__ = [
     "GROUPS",
@@ -156,20 +157,8 @@ class PoseFreeModel(nn.Module):
         name: str = "pose_free",
     ):
         super().__init__()
-        if not 0 < scale_min < scale_init < scale_max:
-            raise ValueError(f"scale_min, scale_init, scale_max: expected 0 < scale_min < scale_init < scale_max, "
-                             f"got {scale_min}, {scale_init}, {scale_max}")
-        if not 0 < opacity_init < 1:
-            raise ValueError(f"opacity_init: expected a value in (0, 1), got {opacity_init}")
-        if isinstance(lam_init, Mapping):
-            missing = set(GROUPS) - set(lam_init)
-            if missing:
-                raise ValueError(f"lam_init: missing groups {sorted(missing)}; expected keys {list(GROUPS)}")
-            values = [float(lam_init[g]) for g in GROUPS]
-        else:
-            values = [float(lam_init)] * len(GROUPS)
-        if min(values) <= 0:
-            raise ValueError(f"lam_init: expected values > 0, got {values}")
+        check_scale_opacity(scale_min, scale_init, scale_max, opacity_init)
+        values = lam_init_values(lam_init, GROUPS)
         self.scale_min, self.scale_max = float(scale_min), float(scale_max)
         self.lam_min = float(lam_min)
         self.tto_pose_lr = float(tto_pose_lr)
@@ -190,16 +179,7 @@ class PoseFreeModel(nn.Module):
         self._init_outputs(scale_init, opacity_init)
 
     def _init_outputs(self, scale_init: float, opacity_init: float) -> None:
-        last = self.head[-1]
-        nn.init.normal_(last.weight, std=1e-3)
-        bias = torch.zeros(last.out_channels)
-        sl = self._slices()
-        frac = (scale_init - self.scale_min) / (self.scale_max - self.scale_min)
-        bias[sl["scale"]] = math.log(frac / (1 - frac))
-        bias[sl["opacity"]] = math.log(opacity_init / (1 - opacity_init))
-        bias[sl["lam"]] = _SOFTPLUS_ONE
-        with torch.no_grad():
-            last.bias.copy_(bias)
+        init_gaussian_head(self.head[-1], self._slices(), self.scale_min, self.scale_max, scale_init, opacity_init)
         nn.init.normal_(self.pose_out.weight, std=1e-3)
         with torch.no_grad():
             self.pose_out.bias.zero_()
@@ -207,11 +187,7 @@ class PoseFreeModel(nn.Module):
 
     @staticmethod
     def _slices() -> dict[str, slice]:
-        out, start = {}, 0
-        for name, n in _HEAD.items():
-            out[name] = slice(start, start + n)
-            start += n
-        return out
+        return channel_slices(_HEAD)
 
     def forward(self, images: Tensor, intrinsics: Tensor, near: Tensor, far: Tensor) -> PoseFreeOutput:
         """Predict Gaussians, poses and Λ.

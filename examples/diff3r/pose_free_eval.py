@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,29 +40,13 @@ from torch.utils.data import default_collate  # noqa: E402
 
 import difftto  # noqa: E402
 from examples.diff3r import pose_free  # noqa: E402
-from examples.diff3r.evaluate import corrupt_exposure, markdown_table  # noqa: E402
+from examples.diff3r.demo import train_stages  # noqa: E402
+from examples.diff3r.evaluate import Row, checkpoint_rows, corrupt_exposure, markdown_table  # noqa: E402
 from examples.diff3r.metrics import finite_mean, psnr, ssim  # noqa: E402
 from examples.diff3r.pose_alignment import align_target_poses, relative_pose_errors, scale_aligned_targets  # noqa: E402
-from examples.diff3r.train import (  # noqa: E402
-    CHECKPOINT_NAME,
-    compose_config,
-    make_dataset,
-    model_from_checkpoint,
-    prepare_data,
-    train,
-)
+from examples.diff3r.train import CHECKPOINT_NAME, make_dataset, prepare_data  # noqa: E402
 
-__all__ = ["PoseRow", "evaluate_pose_free", "pose_table", "demo"]
-
-
-@dataclass
-class PoseRow:
-    """One evaluated configuration (a pose-free model, with or without TTO, its Λ)."""
-
-    name: str
-    model: pose_free.PoseFreeModel
-    tto: bool
-    lam: Any = "predicted"
+__all__ = ["evaluate_pose_free", "pose_table", "demo"]
 
 
 def _invert(T: torch.Tensor) -> torch.Tensor:
@@ -76,7 +58,7 @@ def _pixel_K(batch, prefix: str) -> torch.Tensor:
     return batch[f"{prefix}_intrinsics"] * batch[f"{prefix}_intrinsics"].new_tensor([float(W), float(H), 1.0])[:, None]
 
 
-def score_row(row: PoseRow, batch, layer, context_images=None, *, align_steps: int = 100,
+def score_row(row: Row, batch, layer, context_images=None, *, align_steps: int = 100,
               align_lr: float = 5e-3) -> dict[str, float]:
     """Metrics of one row on one (first-view-frame) batch: target PSNR/SSIM after
     target-pose alignment, context PSNR and pose errors before/after TTO."""
@@ -137,16 +119,8 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    zs_model, ref_state = model_from_checkpoint(zero_shot)
-    rows = [PoseRow("zero-shot", zs_model, False), PoseRow("zero-shot + TTO", zs_model, True, float(naive_lam))]
-    if diff3r is not None:
-        d_model, ref_state = model_from_checkpoint(diff3r)
-        rows += [PoseRow("Diff3R", d_model, False), PoseRow("Diff3R + TTO", d_model, True)]
-    for name, path in (("no-uncertainty + TTO", no_uncertainty), ("unrolled + TTO", unrolled)):
-        if path is not None:
-            m, state = model_from_checkpoint(path)
-            lam = "predicted" if state["config"]["mode"]["lam"] == "predicted" else state["config"]["model"]["lam_init"]
-            rows.append(PoseRow(name, m, True, lam))
+    rows, ref_state = checkpoint_rows(zero_shot, diff3r, no_uncertainty=no_uncertainty, unrolled=unrolled,
+                                      naive_lam=naive_lam)
     for r in rows:
         if not isinstance(r.model, pose_free.PoseFreeModel):
             raise ValueError(f"{r.name}: the checkpoint holds a {type(r.model).__name__}, expected a pose-free "
@@ -213,20 +187,9 @@ def demo(out: str | Path = "outputs/diff3r/pose_free", *, pretrain_steps: int = 
     out = Path(out)
     started = time.perf_counter()
     common = ["model=pose_free", f"threads={threads}", f"progress={str(progress).lower()}", *overrides]
-    total = pretrain_steps + steps
-    print(f"== 1/4 pose-free: pre-training zero_shot for {pretrain_steps} steps", flush=True)
-    zs_dir = out / "zero_shot"
-    pre = train(compose_config([*common, "mode=zero_shot", f"steps={pretrain_steps}", f"out_dir={zs_dir}",
-                                "resume=true"]))
-    pretrain_ckpt = out / "pretrain.pt"
-    if not pretrain_ckpt.is_file():
-        shutil.copyfile(zs_dir / CHECKPOINT_NAME, pretrain_ckpt)
-    print(f"== 2/4 pose-free zero_shot baseline: {steps} more steps (to {total})", flush=True)
-    zs = train(compose_config([*common, "mode=zero_shot", f"steps={total}", f"out_dir={zs_dir}", "resume=true"]))
-    print(f"== 3/4 pose-free Diff3R: {steps} steps through the TTO layer (Gaussians and poses)", flush=True)
-    d3_dir = out / "diff3r"
-    d3 = train(compose_config([*common, "mode=diff3r", f"steps={steps}", f"out_dir={d3_dir}",
-                               f"init_from={pretrain_ckpt}", "resume=true", f"loss.theta0={theta0_weight}"]))
+    runs = train_stages(out, common, pretrain_steps, steps, theta0_weight, modes=("diff3r",), label="pose-free ")
+    pre, zs, d3 = runs["pretrain"], runs["zero_shot"], runs["diff3r"]
+    zs_dir, d3_dir = out / "zero_shot", out / "diff3r"
     print("== 4/4 pose-free evaluation on held-out scenes", flush=True)
     results = evaluate_pose_free(zs_dir / CHECKPOINT_NAME, d3_dir / CHECKPOINT_NAME, out / "eval",
                                  threads=threads, max_scenes=max_scenes)
