@@ -1,4 +1,5 @@
-"""Shared helpers for the splatting tests: a dense all-pairs reference renderer."""
+"""Shared helpers for the splatting tests: a dense all-pairs reference renderer and a
+power-iteration estimate of an objective's largest Hessian eigenvalue."""
 
 import pytest
 import torch
@@ -56,3 +57,19 @@ def dense_render(theta, viewmats, Ks, width, height, background=None):
 @pytest.fixture
 def dense_renderer():
     return dense_render
+
+
+def largest_eigenvalue(objective, theta, iters=30):
+    """Power iteration on ``objective.hessian_operator(theta)`` (fixed start vector):
+    the Rayleigh quotient after ``iters`` steps, a float (sets a stable GD step 1/λ_max)."""
+    op = objective.hessian_operator(theta)
+    v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
+    for _ in range(iters):
+        v = op.mv(v)
+        v = v / v.norm()
+    return float((v * op.mv(v)).sum())
+
+
+@pytest.fixture(name="largest_eigenvalue")
+def largest_eigenvalue_fixture():
+    return largest_eigenvalue
