@@ -74,7 +74,7 @@ class AlignmentResult:
 
 
 def align_target_poses(gaussians: Mapping[str, Tensor], init_viewmats: Tensor, Ks: Tensor, images: Tensor,
-                       *, steps: int = 100, lr: float = 5e-3) -> AlignmentResult:
+                       *, steps: int = 100, lr: float = 5e-3, backend: str = "auto") -> AlignmentResult:
     """NoPoSplat's protocol: optimize each target camera (a twist ``δ``, camera
     ``exp(δ) · init``) against frozen Gaussians with Adam on the photometric MSE.
 
@@ -84,6 +84,8 @@ def align_target_poses(gaussians: Mapping[str, Tensor], init_viewmats: Tensor, K
         Ks: pixel intrinsics ``[B, T, 3, 3]``.
         images: target images ``[B, T, 3, H, W]``.
         steps, lr: Adam steps and learning rate (NoPoSplat: 100 steps, 5e-3).
+        backend: the rasterizer's (``"auto"``: the compiled CPU kernels on CPU, whose
+            backward reaches the view matrices; ``"torch"``: the pure-PyTorch twin).
 
     Returns:
         :class:`AlignmentResult`; the MSE after is that of the best iterate (never worse
@@ -99,7 +101,7 @@ def align_target_poses(gaussians: Mapping[str, Tensor], init_viewmats: Tensor, K
     optimizer = torch.optim.Adam([delta], lr=lr)
 
     def mse(d: Tensor) -> Tensor:
-        colors = rasterize(g, se3_exp(d) @ init, Ks, int(W), int(H), backend="torch").colors
+        colors = rasterize(g, se3_exp(d) @ init, Ks, int(W), int(H), backend=backend).colors
         return (colors - target).pow(2).mean(dim=(2, 3, 4))  # [B, T]
 
     with torch.enable_grad():

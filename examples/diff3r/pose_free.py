@@ -22,7 +22,8 @@ Model (every step differentiable):
    head too.
 
 Parameters ``θ`` of the layer: the five Gaussian groups of ``model.py`` plus
-``pose [B, V, 6]``; problem ``gaussian_splatting_posed`` with identity base cameras.
+``pose [B, V, 6]``; problem ``gaussian_splatting_posed`` with identity base cameras
+(its default backend: the compiled CPU kernels on CPU, the torch rasterizer elsewhere).
 The pose head's ``ξ`` is the poses' Θ0, so the outer loss reaches the pose head
 through the layer's ``∂L/∂θ0 = Λ ⊙ u`` (and through the means).
 
@@ -346,15 +347,16 @@ def constant_lam(pred: PoseFreeOutput, value: float | Mapping[str, float]) -> di
 
 
 def render_targets(theta: Mapping[str, Tensor], batch: Mapping[str, Tensor], prefix: str = "target",
-                   viewmats: Tensor | None = None) -> Tensor:
+                   viewmats: Tensor | None = None, backend: str = "auto") -> Tensor:
     """Render the Gaussians of ``theta`` into the ``prefix`` views (cameras of ``batch``,
-    already in the first view's frame, or ``viewmats``): ``[B, V, 3, H, W]``."""
+    already in the first view's frame, or ``viewmats``): ``[B, V, 3, H, W]``. ``backend``:
+    the rasterizer's (``"auto"``: the compiled CPU kernels on CPU)."""
     images = batch[f"{prefix}_images"]
     H, W = images.shape[-2:]
     Ks = batch[f"{prefix}_intrinsics"] * images.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)
     if viewmats is None:
         viewmats = _invert(batch[f"{prefix}_extrinsics"])
-    return rasterize(gaussians_only(theta), viewmats, Ks, int(W), int(H), backend="torch").colors.permute(0, 1, 4, 2, 3)
+    return rasterize(gaussians_only(theta), viewmats, Ks, int(W), int(H), backend=backend).colors.permute(0, 1, 4, 2, 3)
 
 
 @dataclass

@@ -48,17 +48,21 @@ class PosedSplattingProblem(GaussianSplattingProblem):
     so its pose stays at Θ0 whatever Λ is. Λ on the ``pose``
     group anchors each camera to the predicted one, like the Gaussians to Θ0.
 
-    The default backend is the pure-PyTorch rasterizer, whose autograd differentiates
-    through the view matrices (the compiled kernels' Gauss-Newton products cover the
-    Gaussians only), so :meth:`linearize` returns ``None``: products come from autograd.
+    Backends: ``"auto"`` (default: the compiled CPU kernels for float32/float64 CPU
+    tensors, the torch rasterizer otherwise), ``"cpu_kernels"`` or ``"torch"``. Both
+    differentiate through the view matrices in reverse and forward mode (the kernels'
+    projection backward reaches ``viewmats``; its forward mode runs through the torch
+    twin). gsplat has no forward mode and is refused. The kernels' compiled Gauss-Newton
+    products cover the Gaussians only, so :meth:`linearize` returns ``None``: products
+    come from autograd (``torch.func`` ``jvp``/``vjp``) through the chosen rasterizer.
     """
 
-    def __init__(self, *, backend: str = "torch", sh_degree: int | None = None, near_plane: float = 0.01,
+    def __init__(self, *, backend: str = "auto", sh_degree: int | None = None, near_plane: float = 0.01,
                  far_plane: float = 1e10, eps2d: float = 0.3, tile_size: int = DEFAULT_TILE_SIZE) -> None:
-        if backend not in ("torch", "auto"):
-            raise ValueError(f"backend: gaussian_splatting_posed differentiates the cameras through the "
-                             f"torch rasterizer; expected 'torch' (or 'auto', same), got {backend!r}")
-        super().__init__(backend="torch", sh_degree=sh_degree, near_plane=near_plane, far_plane=far_plane,
+        if backend not in ("auto", "cpu_kernels", "torch"):
+            raise ValueError(f"backend: gaussian_splatting_posed differentiates the cameras in reverse and "
+                             f"forward mode; expected 'auto', 'cpu_kernels' or 'torch', got {backend!r}")
+        super().__init__(backend=backend, sh_degree=sh_degree, near_plane=near_plane, far_plane=far_plane,
                          eps2d=eps2d, tile_size=tile_size)
 
     def __repr__(self) -> str:
@@ -86,5 +90,6 @@ class PosedSplattingProblem(GaussianSplattingProblem):
         return super().render(gaussians, posed, return_state=return_state)
 
     def linearize(self, theta: Mapping[str, Tensor], data: Data) -> None:
-        """``None``: Jacobian products come from autograd through the torch rasterizer."""
+        """``None``: Jacobian products come from autograd through the rasterizer (the
+        compiled products do not reach the cameras)."""
         return None
