@@ -42,11 +42,12 @@ class InnerObjective:
             problems: ``"forward"`` (``torch.func.jvp``), ``"double_vjp"``
             (reverse-over-reverse on one retained graph; needs only double backward),
             ``"linearize"`` (the whole product ``JᵀJ·v`` / ``∇²D·v`` traced once per
-            linearization point with everything that does not depend on ``v``
-            precomputed, see :func:`_fold_linear_map`; falls back to ``"auto"`` where
-            the trace fails), ``"auto"`` (``"linearize"`` from
-            ``LINEARIZE_MIN_NUMEL`` unknowns in the batch on, where the one trace pays
-            for itself; below it the double VJP, which reuses one graph and was 3-10x
+            problem class and shape, with everything that does not depend on ``v``
+            precomputed per linearization point, see :func:`_fold_linear_map`; falls
+            back to ``"auto"`` where the trace fails), ``"auto"`` (``"linearize"`` from
+            ``LINEARIZE_MIN_NUMEL`` unknowns in the batch on when the trace can be
+            reused, i.e. ``data`` holds only tensors and plain values; otherwise the
+            double VJP, which reuses one graph and was 3-10x
             faster than ``torch.func.jvp`` on small problems here, falling back to
             forward mode when an operation has no double-backward rule).
         diagonal_probes: random probes for the unbiased estimate of ``diag(JᵀJ)``
@@ -127,8 +128,8 @@ class InnerObjective:
 
     def hessian_operator(self, theta: Tensor, *, with_proximal: bool = True) -> LinearOperator:
         """``∇²D (+ diag Λ)`` at ``θ`` by reverse-over-reverse products on one retained
-        graph. Its diagonal (for Jacobi) is ``Λ`` plus a probe estimate of ``diag(∇²D)``
-        clamped at zero."""
+        graph, or by the traced and folded product (``jvp_mode``). Its diagonal (for
+        Jacobi) is ``Λ`` plus a probe estimate of ``diag(∇²D)`` clamped at zero."""
         theta = theta.detach()
         data = self.problem.freeze(self.layout.unflatten(theta), self.data)
 
@@ -136,9 +137,9 @@ class InnerObjective:
             return torch.func.grad(lambda y: self.data_term(y, data).sum())(x)
 
         hvp = None
-        if self._linearize(theta):
+        keys, signature = _signature("hessian", self.problem, self.layout, data)
+        if self._linearize(theta, signature):
             # Forward-over-reverse traced once; reverse-over-reverse where forward mode fails.
-            keys, signature = _signature("hessian", self.problem, self.layout, data)
             inputs = (theta, *[data[k] for k in keys])
 
             def gradient_at(x, leaves):
@@ -176,10 +177,14 @@ class InnerObjective:
     def layout_shape(self, theta: Tensor) -> tuple[int, int]:
         return (theta.shape[0], theta.shape[1])
 
-    def _linearize(self, theta: Tensor) -> bool:
-        """Whether to trace the products once (``jvp_mode``, and the size for ``"auto"``)."""
+    def _linearize(self, theta: Tensor, signature: Hashable) -> bool:
+        """Whether to trace the products (``jvp_mode``; for ``"auto"``, from
+        ``LINEARIZE_MIN_NUMEL`` unknowns and only where the trace can be reused: data with
+        a non-plain value, e.g. a rasterizer's frozen state, would need a trace per solve,
+        which costs more than it saves)."""
         return self.jvp_mode == "linearize" or (
-            self.jvp_mode == "auto" and theta.numel() >= LINEARIZE_MIN_NUMEL)
+            self.jvp_mode == "auto" and signature is not None
+            and theta.numel() >= LINEARIZE_MIN_NUMEL)
 
     def jacobian_products(self, theta: Tensor) -> tuple[Callable, Callable, Callable[[], Tensor | None]]:
         """``(jvp, vjp, diag)`` at ``θ`` on flat vectors; ``diag()`` computes ``diag(JᵀJ)``
@@ -266,8 +271,8 @@ class InnerObjective:
                 return state["mode"](v)
 
         product = None
-        if self._linearize(theta):
-            keys, signature = _signature("gauss_newton", self.problem, self.layout, data)
+        keys, signature = _signature("gauss_newton", self.problem, self.layout, data)
+        if self._linearize(theta, signature):
 
             def gauss_newton(x, *args):
                 local = _with_tensors(data, keys, args[:-1])

@@ -325,3 +325,20 @@ def test_problem_diagonal_of_the_wrong_shape_is_an_error():
     op = _objective(Wrong(), theta, lam, data, "double_vjp").gauss_newton_operator(theta)
     with pytest.raises(ValueError, match="gauss_newton_diagonal"):
         op.diagonal()
+
+
+def test_auto_does_not_trace_when_the_data_holds_state(monkeypatch):
+    # A non-plain value in data (a rasterizer's frozen state, here a list) would need a
+    # trace per solve: "auto" keeps the eager products; "linearize" still traces.
+    monkeypatch.setattr(objective_module, "LINEARIZE_MIN_NUMEL", 1)
+    data, theta, lam = _setup({"batch": 1, "n": 5, "m": 2, "dtype": torch.float64, "seed": 41})
+    data["state"] = [1, 2]
+    problem = _Coupled()
+    auto = _objective(problem, theta, lam, data, "auto")
+    assert auto.gauss_newton_operator(theta).a._product is None
+    assert not auto.hessian_operator(theta).a._hvp.__qualname__.startswith("_fold_linear_map")
+    forced = _objective(problem, theta, lam, data, "linearize").gauss_newton_operator(theta)
+    assert forced.a._product is not None
+    v = torch.ones_like(theta)
+    torch.testing.assert_close(forced.mv(v), auto.gauss_newton_operator(theta).mv(v),
+                               rtol=1e-12, atol=1e-12)
