@@ -7,8 +7,10 @@ kernels, adapted to a CPU:
 - once per linearization point: the frozen render's cache (``α`` and ``T`` per (pair,
   pixel)), and the Jacobian ``∂feats/∂θ`` of every Gaussian's projected features
   (mean2d, conic, log-opacity, colours, depth) w.r.t. its own parameters, one small
-  ``[F, p]`` matrix per (image, Gaussian), from ``torch.func`` forward mode on the cheap
-  per-Gaussian projection (and ``[F, 6]`` per camera for ``pose_deltas``);
+  ``[F, p]`` matrix per (image, Gaussian) (and ``[F, 6]`` for ``pose_deltas``), in closed
+  form by the compiled projection (``project_jacobian``: its reverse pass with unit
+  cotangents, parallel over Gaussians), or by ``torch.func`` forward mode on the pure-torch
+  projection (its twin, and the path for SH colours);
 - ``J·v``: contract ``v`` to feature tangents, then one front-to-back pass by pixel;
 - ``Jᵀ·w``: one back-to-front pass by pixel writing one gradient row per (tile,
   Gaussian) pair, a segmented reduction by Gaussian (atomics-free, deterministic), then
@@ -36,6 +38,8 @@ from .gaussians import Gaussians
 __all__ = ["KernelLinearization"]
 
 POSE_KEY = "pose_deltas"
+# The groups of the compiled projection Jacobian, in project_jacobian's column order.
+_KERNEL_GROUPS = ("means", "log_scales", "quats", "opacities", "colors")
 
 
 class KernelLinearization(Linearization):
@@ -44,11 +48,20 @@ class KernelLinearization(Linearization):
 
     Tangents and cotangents use ``theta``'s structure; residual vectors are ``[B, m]``
     with ``m = C·H·W·D`` in the order of :meth:`GaussianSplattingProblem.residuals`.
+
+    ``jacobian`` says how the projection Jacobian is built: ``"kernel"`` (the default)
+    computes it in closed form in the compiled projection when ``theta`` holds
+    ``colors`` (with ``sh`` the SH colours' Jacobian still comes from ``torch.func``);
+    ``"torch.func"`` always uses forward mode on the pure-torch projection (the twin the
+    kernel is tested against; slower). Raises ``ValueError`` for another value or for
+    ``data`` without the frozen raster state.
     """
 
-    def __init__(self, problem, theta: Mapping[str, Tensor], data: Data) -> None:
-        from .problem import STATE_KEY, apply_pose_deltas
+    def __init__(self, problem, theta: Mapping[str, Tensor], data: Data, *, jacobian: str = "kernel") -> None:
+        from .problem import STATE_KEY
 
+        if jacobian not in ("kernel", "torch.func"):
+            raise ValueError(f"jacobian must be 'kernel' or 'torch.func', got {jacobian!r}")
         viewmats, Ks, images = problem._check_data(theta, data)
         state = data.get(STATE_KEY)
         if state is None:
@@ -67,24 +80,13 @@ class KernelLinearization(Linearization):
         opts = dict(sh_degree=problem.sh_degree, near_plane=problem.near_plane,
                     far_plane=problem.far_plane, eps2d=problem.eps2d)
 
-        def features(x: Tensor, pose: Tensor | None) -> Tensor:
-            cams = vm if pose is None else apply_pose_deltas(vm, pose)
-            return splat_features(Gaussians.from_params(self._split(x)), cams, ks, W, H, **opts)[0]
-
-        x = torch.cat([theta[k].reshape(B, N, -1) for k in self._keys], dim=-1)
-        pose = theta.get(POSE_KEY)
         with torch.no_grad():
-            feats = features(x, pose)
-            p = x.shape[-1]
-            basis = torch.eye(p, dtype=x.dtype).view(p, 1, 1, p).expand(p, B, N, p)
-            jac = _columns(lambda t: torch.func.jvp(lambda y: features(y, pose), (x,), (t,))[1], basis)
-            self._jac = jac.permute(1, 2, 3, 4, 0).contiguous()  # [B, C, N, F, p]
-            self._jac_pose = None
-            if pose is not None:
-                pbasis = torch.eye(6, dtype=x.dtype).view(6, 1, 1, 6).expand(6, B, C, 6)
-                jac_pose = _columns(lambda t: torch.func.jvp(lambda q: features(x, q), (pose,), (t,))[1],
-                                    pbasis)
-                self._jac_pose = jac_pose.permute(1, 2, 3, 4, 0).contiguous()  # [B, C, N, F, 6]
+            if jacobian == "kernel" and "colors" in theta and "sh" not in theta:
+                feats, self._jac, self._jac_pose = self._kernel_jacobian(theta, vm, ks, W, H, **opts)
+            else:
+                x = torch.cat([theta[k].reshape(B, N, -1) for k in self._keys], dim=-1)
+                feats, self._jac, self._jac_pose = self._twin_jacobian(x, theta.get(POSE_KEY), vm, ks, W, H,
+                                                                       **opts)
         self._feats = feats.reshape(B * C * N, -1).contiguous()
         self._structure = structure_from_state(state)
         I, _, _, ts = self._structure.grid
@@ -92,7 +94,7 @@ class KernelLinearization(Linearization):
             self._feats, self._structure.tile_ptr, self._structure.pair_gauss, self._structure.active,
             I, H, W, ts, D)
         # r = rw·colour − rb·alpha + const, per pixel and channel.
-        dtype = x.dtype
+        dtype = feats.dtype
         weights = data.get("weights")
         rw = torch.ones(B, C, H, W, D, dtype=dtype)
         if weights is not None:
@@ -105,6 +107,53 @@ class KernelLinearization(Linearization):
         self._rw, self._rb = rw.contiguous(), rb.contiguous()
 
     # ------------------------------------------------------------------ helpers
+    def _kernel_jacobian(self, theta, vm: Tensor, ks: Tensor, W: int, H: int, **opts):
+        """``(feats [B, C, N, F], jac [B, C, N, F, p], jac_pose [B, C, N, F, 6] or None)`` from
+        the compiled projection: closed-form rows, parallel over Gaussians."""
+        from .problem import apply_pose_deltas
+
+        offsets, start = dict.fromkeys(_KERNEL_GROUPS, -1), 0
+        for key, size in zip(self._keys, self._sizes):
+            if key in offsets:
+                offsets[key] = start
+            start += size
+        pose = theta.get(POSE_KEY)
+        cams, dviews = vm, vm.new_zeros(0)
+        if pose is not None:
+            cams = apply_pose_deltas(vm, pose)
+            basis = torch.eye(6, dtype=pose.dtype).view(6, 1, 1, 6).expand(6, *pose.shape)
+            dviews = _columns(lambda t: torch.func.jvp(lambda q: apply_pose_deltas(vm, q), (pose,), (t,))[1], basis)
+            dviews = dviews.permute(1, 2, 0, 3, 4).contiguous()  # [B, C, 6, 4, 4]
+        args = [theta[k].contiguous() for k in _KERNEL_GROUPS] + [cams.contiguous(), ks.contiguous()]
+        settings = (W, H, opts["eps2d"], opts["near_plane"], opts["far_plane"])
+        feats = self._ext.project_forward(*args, *settings)[0]
+        cols = torch.tensor([offsets[k] for k in _KERNEL_GROUPS], dtype=torch.int64)
+        out = self._ext.project_jacobian(*args, *settings, cols, start, dviews)
+        return feats, out[0], (out[1] if pose is not None else None)
+
+    def _twin_jacobian(self, x: Tensor, pose: Tensor | None, vm: Tensor, ks: Tensor, W: int, H: int, **opts):
+        """:meth:`_kernel_jacobian`'s outputs by ``torch.func`` forward mode on the pure-torch
+        projection (its twin; also the path for SH colours)."""
+        from .problem import apply_pose_deltas
+
+        B, C, N = self._dims[:3]
+
+        def features(x: Tensor, pose: Tensor | None) -> Tensor:
+            cams = vm if pose is None else apply_pose_deltas(vm, pose)
+            return splat_features(Gaussians.from_params(self._split(x)), cams, ks, W, H, **opts)[0]
+
+        feats = features(x, pose)
+        p = x.shape[-1]
+        basis = torch.eye(p, dtype=x.dtype).view(p, 1, 1, p).expand(p, B, N, p)
+        jac = _columns(lambda t: torch.func.jvp(lambda y: features(y, pose), (x,), (t,))[1], basis)
+        jac = jac.permute(1, 2, 3, 4, 0).contiguous()  # [B, C, N, F, p]
+        jac_pose = None
+        if pose is not None:
+            pbasis = torch.eye(6, dtype=x.dtype).view(6, 1, 1, 6).expand(6, B, C, 6)
+            jac_pose = _columns(lambda t: torch.func.jvp(lambda q: features(x, q), (pose,), (t,))[1], pbasis)
+            jac_pose = jac_pose.permute(1, 2, 3, 4, 0).contiguous()  # [B, C, N, F, 6]
+        return feats, jac, jac_pose
+
     def _split(self, x: Tensor) -> dict[str, Tensor]:
         parts = torch.split(x, self._sizes, dim=-1)
         return {k: part.reshape(x.shape[:-2] + self._shapes[k][1:]) for k, part in zip(self._keys, parts)}

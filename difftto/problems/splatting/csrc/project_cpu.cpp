@@ -311,6 +311,62 @@ void project_backward_impl(const T* means, const T* log_scales, const T* quats, 
   });
 }
 
+// The projection Jacobian of the Gauss-Newton linearization (kernel_linearization.py):
+// per (image, Gaussian) the [F, p] matrix ∂feats/∂(the Gaussian's parameters), and with
+// dviews the [F, 6] matrix ∂feats/∂(its camera's pose deltas). Row by row: the geometric
+// features (mean2d, conic, depth) are the reverse pass above with a unit cotangent (six
+// passes per camera, the same tie and clamp conventions as torch's derivatives, so equal
+// to the twin's forward mode); log-opacity and colours are elementwise.
+// cols: the first column of means, log_scales, quats, opacities, colors in the p columns.
+template <typename T>
+void project_jacobian_impl(const T* means, const T* log_scales, const T* quats, const T* opacities,
+                           const T* viewmats, const T* Ks, const T* dviews, int64_t B, int64_t C, int64_t N,
+                           int64_t D, int64_t width, int64_t height, T eps2d, T near, T far, const int64_t* cols,
+                           int64_t P, T* jac, T* jac_pose) {
+  const int64_t F = 7 + D;
+  at::parallel_for(0, B * N, 16, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t b = e / N, n = e % N;
+      const Shape<T> sh(quats + 4 * e, log_scales + 3 * e);
+      const T d_logit = T(1) / (T(1) + std::exp(opacities[e]));  // d logsigmoid(x) / dx
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t bc = b * C + c, id = bc * N + n;
+        T* J = jac + id * F * P;
+        std::fill(J, J + F * P, T(0));
+        T* Jp = jac_pose != nullptr ? jac_pose + id * F * 6 : nullptr;
+        if (Jp != nullptr) std::fill(Jp, Jp + F * 6, T(0));
+        const View<T> vw(sh, means + 3 * e, viewmats + 16 * bc, Ks + 9 * bc, eps2d, near, far, width, height);
+        for (int r = 0; r < 6; ++r) {
+          const int64_t row = r < 5 ? r : 6 + D;
+          T g[7] = {0, 0, 0, 0, 0, 0, 0};
+          g[r < 5 ? r : 6] = T(1);  // D = 0 below: g[6] is the depth
+          T g_mean[3] = {0, 0, 0}, g_M[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0}, g_log_s[3], g_q[4], g_view[12];
+          project_view_backward(sh, vw, means + 3 * e, g, 0, g_mean, g_M, Jp != nullptr ? g_view : nullptr);
+          shape_backward(sh, g_M, log_scales + 3 * e, g_log_s, g_q);
+          T* Jr = J + row * P;
+          for (int k = 0; k < 3; ++k) {
+            if (cols[0] >= 0) Jr[cols[0] + k] = g_mean[k];
+            if (cols[1] >= 0) Jr[cols[1] + k] = g_log_s[k];
+          }
+          if (cols[2] >= 0)
+            for (int k = 0; k < 4; ++k) Jr[cols[2] + k] = g_q[k];
+          if (Jp != nullptr) {
+            const T* dv = dviews + bc * 6 * 16;  // [6, 4, 4]: ∂viewmat / ∂pose_j
+            for (int j = 0; j < 6; ++j) {
+              T acc = 0;
+              for (int i = 0; i < 12; ++i) acc += g_view[i] * dv[16 * j + i];
+              Jp[row * 6 + j] = acc;
+            }
+          }
+        }
+        if (cols[3] >= 0) J[5 * P + cols[3]] = d_logit;
+        if (cols[4] >= 0)
+          for (int64_t q = 0; q < D; ++q) J[(6 + q) * P + cols[4] + q] = T(1);
+      }
+    }
+  });
+}
+
 void check_input(const torch::Tensor& t, const torch::Tensor& like, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -371,4 +427,42 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor l
   std::vector<torch::Tensor> out = {g_means, g_log_scales, g_quats, g_opacities, g_colors};
   if (view_grad) out.push_back(g_view);
   return out;
+}
+
+// means [B,N,3], log_scales [B,N,3], quats [B,N,4], opacities [B,N], colors [B,N,D] (only
+// its size is read: the colour rows are the identity), viewmats [B,C,4,4], Ks [B,C,3,3],
+// cols [5] int64 (first column of each group in p, or -1), dviews [B,C,6,4,4] or an empty
+// tensor -> {jac [B,C,N,7+D,p]} or {jac, jac_pose [B,C,N,7+D,6]}.
+std::vector<torch::Tensor> project_jacobian(torch::Tensor means, torch::Tensor log_scales, torch::Tensor quats,
+                                            torch::Tensor opacities, torch::Tensor colors, torch::Tensor viewmats,
+                                            torch::Tensor Ks, int64_t width, int64_t height, double eps2d,
+                                            double near, double far, torch::Tensor cols, int64_t p,
+                                            torch::Tensor dviews) {
+  for (auto* t : {&log_scales, &quats, &opacities, &viewmats, &Ks}) check_input(*t, means, "projection input");
+  check_input(means, means, "means");
+  TORCH_CHECK(colors.dim() == 3, "colors must be [B, N, D], got ", colors.sizes());
+  TORCH_CHECK(cols.scalar_type() == torch::kInt64 && cols.numel() == 5 && cols.is_contiguous() &&
+                  cols.device().is_cpu(), "cols must be 5 contiguous int64 column offsets");
+  const int64_t B = means.size(0), N = means.size(1), C = viewmats.size(1), D = colors.size(-1);
+  const int64_t* cp = cols.data_ptr<int64_t>();
+  const int64_t widths[5] = {3, 3, 4, 1, D};
+  for (int k = 0; k < 5; ++k)
+    TORCH_CHECK(cp[k] == -1 || (cp[k] >= 0 && cp[k] + widths[k] <= p), "column offset ", cp[k], " of group ", k,
+                " does not fit in p = ", p);
+  const bool pose = dviews.numel() > 0;
+  if (pose) {
+    check_input(dviews, means, "dviews");
+    TORCH_CHECK(dviews.numel() == B * C * 6 * 16, "dviews must be [B, C, 6, 4, 4]");
+  }
+  auto jac = torch::empty({B, C, N, 7 + D, p}, means.options());
+  auto jac_pose = pose ? torch::empty({B, C, N, 7 + D, 6}, means.options()) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "project_jacobian", [&] {
+    project_jacobian_impl<scalar_t>(
+        means.data_ptr<scalar_t>(), log_scales.data_ptr<scalar_t>(), quats.data_ptr<scalar_t>(),
+        opacities.data_ptr<scalar_t>(), viewmats.data_ptr<scalar_t>(), Ks.data_ptr<scalar_t>(),
+        pose ? dviews.data_ptr<scalar_t>() : nullptr, B, C, N, D, width, height, scalar_t(eps2d), scalar_t(near),
+        scalar_t(far), cp, p, jac.data_ptr<scalar_t>(), pose ? jac_pose.data_ptr<scalar_t>() : nullptr);
+  });
+  if (pose) return {jac, jac_pose};
+  return {jac};
 }

@@ -787,7 +787,8 @@ torch::Tensor gram(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tensor pa
 // ------------------------------------------------------------------------ projection Jacobian
 //
 // The per-(image, Gaussian) Jacobian jac [B, C, N, F, p] of the features w.r.t. the p
-// parameters of the Gaussian (computed once per linearization point in torch) maps
+// parameters of the Gaussian (project_jacobian in project_cpu.cpp, once per linearization
+// point) maps
 // parameter vectors to feature vectors. These are the three contractions a Gauss-Newton
 // product needs; tiny per-Gaussian matrices, where torch's batched matmul was slower than
 // the rasterizer kernels themselves.
@@ -817,27 +818,31 @@ torch::Tensor project_tangent(torch::Tensor jac, torch::Tensor v) {
   return out;
 }
 
-torch::Tensor project_cotangent(torch::Tensor jac, torch::Tensor g) {
+// Σ over the cameras of every Gaussian (b, n): out[b, n] [Pn] starts at zero and
+// per_camera(e, Je, X, ov) adds the (image, Gaussian) row e = (b·C + c)·N + n into ov,
+// where Je [F, Pn] is its Jacobian and X the data of `other` (same dtype). One task per
+// Gaussian: no atomics.
+template <typename PerCamera>
+torch::Tensor sum_over_cameras(const torch::Tensor& jac, const torch::Tensor& other, const char* other_name,
+                               int64_t grain, PerCamera per_camera) {
   check_cpu_contiguous(jac, "jac");
-  check_cpu_contiguous(g, "g");
+  check_cpu_contiguous(other, other_name);
+  TORCH_CHECK(other.scalar_type() == jac.scalar_type(), other_name, " is ", other.scalar_type(), ", expected ",
+              jac.scalar_type());
   const int64_t B = jac.size(0), C = jac.size(1), N = jac.size(2), F = jac.size(3), Pn = jac.size(4);
   auto out = torch::empty({B, N, Pn}, jac.options());
-  AT_DISPATCH_FLOATING_TYPES(jac.scalar_type(), "project_cotangent", [&] {
+  AT_DISPATCH_FLOATING_TYPES(jac.scalar_type(), "sum_over_cameras", [&] {
     const scalar_t* J = jac.data_ptr<scalar_t>();
-    const scalar_t* gf = g.data_ptr<scalar_t>();
+    const scalar_t* X = other.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * N, 256, [&](int64_t e0, int64_t e1) {
+    at::parallel_for(0, B * N, grain, [&](int64_t e0, int64_t e1) {
       for (int64_t bn = e0; bn < e1; ++bn) {
         const int64_t b = bn / N, n = bn % N;
         scalar_t* ov = o + bn * Pn;
-        for (int64_t k = 0; k < Pn; ++k) ov[k] = 0;
+        std::fill(ov, ov + Pn, scalar_t(0));
         for (int64_t c = 0; c < C; ++c) {
           const int64_t e = (b * C + c) * N + n;
-          const scalar_t* Je = J + e * F * Pn;
-          for (int64_t f = 0; f < F; ++f) {
-            const scalar_t gv = gf[e * F + f];
-            for (int64_t k = 0; k < Pn; ++k) ov[k] += Je[f * Pn + k] * gv;
-          }
+          per_camera(e, J + e * F * Pn, X, ov);
         }
       }
     });
@@ -845,41 +850,35 @@ torch::Tensor project_cotangent(torch::Tensor jac, torch::Tensor g) {
   return out;
 }
 
+// Σ_c jacᵀ · g: feature cotangents g [B, C, N, F] → parameter cotangents [B, N, p].
+torch::Tensor project_cotangent(torch::Tensor jac, torch::Tensor g) {
+  const int64_t F = jac.size(3), Pn = jac.size(4);
+  return sum_over_cameras(jac, g, "g", 256, [&](int64_t e, const auto* Je, const auto* gf, auto* ov) {
+    for (int64_t f = 0; f < F; ++f) {
+      const auto gv = gf[e * F + f];
+      for (int64_t k = 0; k < Pn; ++k) ov[k] += Je[f * Pn + k] * gv;
+    }
+  });
+}
+
 // diag(Jgᵀ G Jg) summed over cameras: the parameter-space Gauss-Newton diagonal from the
 // per-(image, Gaussian) feature-space Gram matrices G [B, C, N, F, F].
 torch::Tensor gram_diagonal(torch::Tensor jac, torch::Tensor gram) {
-  check_cpu_contiguous(jac, "jac");
-  check_cpu_contiguous(gram, "gram");
-  const int64_t B = jac.size(0), C = jac.size(1), N = jac.size(2), F = jac.size(3), Pn = jac.size(4);
-  auto out = torch::empty({B, N, Pn}, jac.options());
-  AT_DISPATCH_FLOATING_TYPES(jac.scalar_type(), "gram_diagonal", [&] {
-    const scalar_t* J = jac.data_ptr<scalar_t>();
-    const scalar_t* G = gram.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * N, 64, [&](int64_t e0, int64_t e1) {
-      std::vector<scalar_t> gj(F * Pn);
-      for (int64_t bn = e0; bn < e1; ++bn) {
-        const int64_t b = bn / N, n = bn % N;
-        scalar_t* ov = o + bn * Pn;
-        for (int64_t k = 0; k < Pn; ++k) ov[k] = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t e = (b * C + c) * N + n;
-          const scalar_t* Je = J + e * F * Pn;
-          const scalar_t* Ge = G + e * F * F;
-          std::fill(gj.begin(), gj.end(), scalar_t(0));
-          for (int64_t f = 0; f < F; ++f)
-            for (int64_t h = 0; h < F; ++h) {
-              const scalar_t gfh = Ge[f * F + h];
-              if (gfh == scalar_t(0)) continue;
-              for (int64_t k = 0; k < Pn; ++k) gj[f * Pn + k] += gfh * Je[h * Pn + k];
-            }
-          for (int64_t f = 0; f < F; ++f)
-            for (int64_t k = 0; k < Pn; ++k) ov[k] += Je[f * Pn + k] * gj[f * Pn + k];
-        }
+  const int64_t F = jac.size(3), Pn = jac.size(4);
+  return sum_over_cameras(jac, gram, "gram", 64, [&](int64_t e, const auto* Je, const auto* G, auto* ov) {
+    using scalar_t = std::remove_pointer_t<decltype(ov)>;
+    thread_local std::vector<scalar_t> gj;
+    gj.assign(F * Pn, scalar_t(0));
+    const scalar_t* Ge = G + e * F * F;
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t h = 0; h < F; ++h) {
+        const scalar_t gfh = Ge[f * F + h];
+        if (gfh == scalar_t(0)) continue;
+        for (int64_t k = 0; k < Pn; ++k) gj[f * Pn + k] += gfh * Je[h * Pn + k];
       }
-    });
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t k = 0; k < Pn; ++k) ov[k] += Je[f * Pn + k] * gj[f * Pn + k];
   });
-  return out;
 }
 
 // The compiled projection (project_cpu.cpp).
@@ -891,6 +890,11 @@ std::vector<torch::Tensor> project_backward(torch::Tensor means, torch::Tensor l
                                             torch::Tensor opacities, torch::Tensor colors, torch::Tensor viewmats,
                                             torch::Tensor Ks, int64_t width, int64_t height, double eps2d,
                                             double near, double far, torch::Tensor grad_feats, bool view_grad);
+std::vector<torch::Tensor> project_jacobian(torch::Tensor means, torch::Tensor log_scales, torch::Tensor quats,
+                                            torch::Tensor opacities, torch::Tensor colors, torch::Tensor viewmats,
+                                            torch::Tensor Ks, int64_t width, int64_t height, double eps2d,
+                                            double near, double far, torch::Tensor cols, int64_t p,
+                                            torch::Tensor dviews);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "difftto's compiled CPU kernels of the tile rasterizer and its Gauss-Newton products";
@@ -905,4 +909,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project_forward", &project_forward, "EWA projection -> feats [B,C,N,7+D], radii, valid");
   m.def("project_backward", &project_backward, "gradients of the projection's inputs from feature gradients");
   m.def("gram_diagonal", &gram_diagonal, "Σ_c diag(jacᵀ G jac) -> [B,N,p]");
+  m.def("project_jacobian", &project_jacobian, "∂feats/∂(Gaussian parameters) [B,C,N,F,p] (and ∂/∂pose [..,6])");
 }
