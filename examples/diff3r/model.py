@@ -69,6 +69,20 @@ def check_scale_opacity(scale_min: float, scale_init: float, scale_max: float, o
         raise ValueError(f"opacity_init: expected a value in (0, 1), got {opacity_init}")
 
 
+def check_context_inputs(images: Tensor, few_views: str, **per_view: tuple[Tensor, tuple[int, ...]]) -> None:
+    """Raise ``ValueError`` unless ``images`` is ``[B, V, 3, H, W]`` with ``V >= 2`` (else the
+    message ``"images: {few_views} V >= 2 context views, got V = ..."``) and each named
+    tensor of ``per_view`` (``name=(tensor, trailing_shape)``) is ``[B, V, *trailing_shape]``."""
+    if images.dim() != 5 or images.shape[2] != 3:
+        raise ValueError(f"images: expected [B, V, 3, H, W], got {list(images.shape)}")
+    B, V = images.shape[:2]
+    if V < 2:
+        raise ValueError(f"images: {few_views} V >= 2 context views, got V = {V}")
+    for name, (t, trailing) in per_view.items():
+        if tuple(t.shape) != (B, V, *trailing):
+            raise ValueError(f"{name}: expected shape {[B, V, *trailing]}, got {list(t.shape)}")
+
+
 def lam_init_values(lam_init: float | Mapping[str, float], groups: tuple[str, ...]) -> list[float]:
     """``lam_init`` (a number for all groups, or a dict by group) as one float per group
     of ``groups``, in order. Raises ``ValueError`` on a missing group or a value ``<= 0``."""
@@ -250,15 +264,9 @@ class Diff3RModel(nn.Module):
         Returns:
             :class:`ModelOutput` with ``N = V·H·W`` Gaussians per scene.
         """
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images: expected [B, V, 3, H, W], got {list(images.shape)}")
+        check_context_inputs(images, "the cost volume needs", intrinsics=(intrinsics, (3, 3)), c2w=(c2w, (4, 4)),
+                             near=(near, ()), far=(far, ()))
         B, V, _, H, W = images.shape
-        if V < 2:
-            raise ValueError(f"images: the cost volume needs V >= 2 context views, got V = {V}")
-        for name, t, shape in (("intrinsics", intrinsics, (B, V, 3, 3)), ("c2w", c2w, (B, V, 4, 4)),
-                               ("near", near, (B, V)), ("far", far, (B, V))):
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
         K, w2c = context_cameras(intrinsics, c2w, H, W)
         feats = self.features(images.reshape(B * V, 3, H, W)).reshape(B, V, -1, H, W)
 

@@ -47,7 +47,13 @@ from torch import Tensor, nn
 import difftto
 from difftto.problems.splatting import rasterize
 from difftto.problems.splatting.se3 import se3_exp, se3_log
-from examples.diff3r.model import channel_slices, check_scale_opacity, init_gaussian_head, lam_init_values
+from examples.diff3r.model import (
+    channel_slices,
+    check_context_inputs,
+    check_scale_opacity,
+    init_gaussian_head,
+    lam_init_values,
+)
 
 __all__ = [
     "GROUPS",
@@ -198,14 +204,8 @@ class PoseFreeModel(nn.Module):
             intrinsics: normalized intrinsics ``[B, V, 3, 3]``.
             near, far: depth bounds ``[B, V]``.
         """
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images: expected [B, V, 3, H, W], got {list(images.shape)}")
+        check_context_inputs(images, "expected", intrinsics=(intrinsics, (3, 3)), near=(near, ()), far=(far, ()))
         B, V, _, H, W = images.shape
-        if V < 2:
-            raise ValueError(f"images: expected V >= 2 context views, got V = {V}")
-        for name, t, shape in (("intrinsics", intrinsics, (B, V, 3, 3)), ("near", near, (B, V)), ("far", far, (B, V))):
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
         K = intrinsics * intrinsics.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)
         feats = self.encoder(images.flatten(0, 1)).unflatten(0, (B, V))  # [B, V, F, H, W]
 
