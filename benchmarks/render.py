@@ -11,12 +11,17 @@ Fields per backend (milliseconds, minimum over ``--repeats``):
 - ``fwd_bwd``: full render + backward of a random cotangent to every parameter group;
 - ``linearize``: what a Gauss-Newton solve pays once (freeze excluded): torch builds its
   reverse-mode function; the kernels build the per-pixel cache and the projection
-  Jacobian;
+  Jacobian (in closed form, compiled);
 - ``jvp``, ``vjp``: ``J·v`` and ``Jᵀ·w`` of the problem's residuals at the frozen state
   (torch: a fresh ``torch.func.jvp``, a reused ``torch.func.vjp`` function, as the layer
   does; kernels: :class:`KernelLinearization`);
 - ``gn_product``: ``Jᵀ(J·v)``, one PCG iteration's operator product;
 - ``diag``: the exact ``diag(JᵀJ)`` (kernels only; torch has only probe estimates).
+- ``linearize_jacobian``: the kernels' linearization build timed twice, interleaved:
+  ``kernel`` with the compiled closed-form projection Jacobian (the default, = ``linearize``
+  above up to noise) and ``torch_func`` with the Jacobian by ``torch.func`` forward mode on
+  the pure-torch projection (the twin; how it was built before); ``speedup_linearize`` =
+  torch_func / kernel. ``--no-torch-func-jacobian`` skips it (slow at 128²).
 - ``peak_rss_mb``: the process's peak resident memory once the case has run (cases run
   in increasing size, so it is the largest case's peak so far; both backends included).
 Ratios: ``speedup_*`` = torch / kernels; ``gn_over_fwd_bwd`` = the kernels' gn_product /
@@ -37,7 +42,7 @@ with ``--threads 1`` (the machines are shared, so 1 thread is the steadier measu
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \\
         .venv/bin/python benchmarks/render.py [--threads 2] [--sizes 32 64 128] [--dtype float32] \\
-        [--gsplat-baseline]
+        [--gsplat-baseline] [--no-torch-func-jacobian]
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import torch
 
 from difftto.problems.splatting import GaussianSplattingProblem, rasterize
 from difftto.problems.splatting.cpu_kernels import cpu_kernels_available
+from difftto.problems.splatting.kernel_linearization import KernelLinearization
 from difftto.problems.splatting.synthetic import pixel_aligned_scene
 
 
@@ -118,7 +124,7 @@ def _quantities(backend: str, theta, data, size: int, gen, info: dict):
         yield "diag", lin.gauss_newton_diagonal
 
 
-def run_case(size: int, dtype: torch.dtype, repeats: int) -> dict:
+def run_case(size: int, dtype: torch.dtype, repeats: int, torch_func_jacobian: bool = True) -> dict:
     theta, viewmats, Ks = pixel_aligned_scene(1, 2, size, size, dtype=dtype)
     images = rasterize(theta, viewmats, Ks, size, size, backend="torch").colors.detach()
     data = {"viewmats": viewmats, "Ks": Ks, "images": (images + 0.02).clamp(0, 1)}
@@ -143,6 +149,14 @@ def run_case(size: int, dtype: torch.dtype, repeats: int) -> dict:
     for name in ("forward", "fwd_bwd", "jvp", "vjp", "gn_product"):
         result[f"speedup_{name}"] = round(t[name] / k[name], 2)
     result["gn_over_fwd_bwd"] = round(k["gn_product"] / k["fwd_bwd"], 2)
+    if torch_func_jacobian:
+        problem = GaussianSplattingProblem(backend="cpu_kernels")
+        frozen = problem.freeze(theta, data)
+        builds = {name: (lambda j=j: KernelLinearization(problem, theta, frozen, jacobian=j))
+                  for name, j in (("kernel", "kernel"), ("torch_func", "torch.func"))}
+        result["linearize_jacobian"] = _best_ms(builds, repeats)
+        result["speedup_linearize"] = round(result["linearize_jacobian"]["torch_func"]
+                                            / result["linearize_jacobian"]["kernel"], 2)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
@@ -245,6 +259,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float64", "both"], default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--no-torch-func-jacobian", action="store_true",
+                        help="skip timing the linearization built with the torch.func projection Jacobian")
     parser.add_argument("--gsplat-baseline", action="store_true",
                         help="also time gsplat's torch reference projection + per-pixel compositing")
     args = parser.parse_args()
@@ -255,7 +271,8 @@ def main() -> None:
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     for name in dtypes:
         for size in args.sizes:
-            print(json.dumps(run_case(size, getattr(torch, name), args.repeats)), flush=True)
+            case = run_case(size, getattr(torch, name), args.repeats, not args.no_torch_func_jacobian)
+            print(json.dumps(case), flush=True)
             if args.gsplat_baseline:
                 print(json.dumps(run_gsplat_baseline(size, getattr(torch, name), args.repeats)), flush=True)
 
