@@ -9,8 +9,8 @@ kernels, adapted to a CPU:
   (mean2d, conic, log-opacity, colours, depth) w.r.t. its own parameters, one small
   ``[F, p]`` matrix per (image, Gaussian) (and ``[F, 6]`` for ``pose_deltas``), in closed
   form by the compiled projection (``project_jacobian``: its reverse pass with unit
-  cotangents, parallel over Gaussians), or by ``torch.func`` forward mode on the pure-torch
-  projection (its twin, and the path for SH colours);
+  cotangents, parallel over Gaussians; SH colours' rows by ``torch.func`` on ``eval_sh``),
+  or by ``torch.func`` forward mode on the whole pure-torch projection (its twin);
 - ``J·v``: contract ``v`` to feature tangents, then one front-to-back pass by pixel;
 - ``Jᵀ·w``: one back-to-front pass by pixel writing one gradient row per (tile,
   Gaussian) pair, a segmented reduction by Gaussian (atomics-free, deterministic), then
@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from ..base import Data, Linearization
+from .cameras import camera_centers
 from .cpu_kernels import load_extension, splat_features, structure_from_state
-from .gaussians import Gaussians
+from .gaussians import Gaussians, eval_sh
 
 __all__ = ["KernelLinearization"]
 
@@ -50,10 +51,10 @@ class KernelLinearization(Linearization):
     with ``m = C·H·W·D`` in the order of :meth:`GaussianSplattingProblem.residuals`.
 
     ``jacobian`` says how the projection Jacobian is built: ``"kernel"`` (the default)
-    computes it in closed form in the compiled projection when ``theta`` holds
-    ``colors`` (with ``sh`` the SH colours' Jacobian still comes from ``torch.func``);
-    ``"torch.func"`` always uses forward mode on the pure-torch projection (the twin the
-    kernel is tested against; slower). Raises ``ValueError`` for another value or for
+    computes it in closed form in the compiled projection (with ``sh``, the rows of the
+    SH colours come from ``torch.func`` on the SH evaluation alone); ``"torch.func"``
+    always uses forward mode on the whole pure-torch projection (the twin the kernel is
+    tested against; slower). Raises ``ValueError`` for another value or for
     ``data`` without the frozen raster state.
     """
 
@@ -81,7 +82,7 @@ class KernelLinearization(Linearization):
                     far_plane=problem.far_plane, eps2d=problem.eps2d)
 
         with torch.no_grad():
-            if jacobian == "kernel" and "colors" in theta and "sh" not in theta:
+            if jacobian == "kernel":
                 feats, self._jac, self._jac_pose = self._kernel_jacobian(theta, vm, ks, W, H, **opts)
             else:
                 x = torch.cat([theta[k].reshape(B, N, -1) for k in self._keys], dim=-1)
@@ -124,16 +125,56 @@ class KernelLinearization(Linearization):
             basis = torch.eye(6, dtype=pose.dtype).view(6, 1, 1, 6).expand(6, *pose.shape)
             dviews = _columns(lambda t: torch.func.jvp(lambda q: apply_pose_deltas(vm, q), (pose,), (t,))[1], basis)
             dviews = dviews.permute(1, 2, 0, 3, 4).contiguous()  # [B, C, 6, 4, 4]
-        args = [theta[k].contiguous() for k in _KERNEL_GROUPS] + [cams.contiguous(), ks.contiguous()]
+        sh = theta.get("sh")
+        if sh is None:
+            colors = theta["colors"]
+        else:  # per-camera SH colours: their rows come from torch.func below, on eval_sh only
+            centers = camera_centers(cams)
+
+            def sh_colors(means: Tensor, coeffs: Tensor, centers: Tensor) -> Tensor:
+                dirs = means.unsqueeze(1) - centers.unsqueeze(2)
+                return eval_sh(coeffs.unsqueeze(1), dirs, opts["sh_degree"])
+
+            colors = sh_colors(theta["means"], sh, centers)  # [B, C, N, D]
+        groups = [theta[k].contiguous() for k in _KERNEL_GROUPS[:4]]
         settings = (W, H, opts["eps2d"], opts["near_plane"], opts["far_plane"])
-        feats = self._ext.project_forward(*args, *settings)[0]
+        feats = self._ext.project_forward(*groups, colors.contiguous(), cams.contiguous(), ks.contiguous(),
+                                          *settings)[0]
         cols = torch.tensor([offsets[k] for k in _KERNEL_GROUPS], dtype=torch.int64)
-        out = self._ext.project_jacobian(*args, *settings, cols, start, dviews)
-        return feats, out[0], (out[1] if pose is not None else None)
+        shared_colors = colors if sh is None else colors[:, 0]  # the kernel reads only D here
+        out = self._ext.project_jacobian(*groups, shared_colors.contiguous(), cams.contiguous(), ks.contiguous(),
+                                         *settings, cols, start, dviews)
+        jac, jac_pose = out[0], (out[1] if pose is not None else None)
+        if sh is not None:
+            D = colors.shape[-1]
+            rows = slice(6, 6 + D)
+            for key, arg in (("means", 0), ("sh", 1)):
+                x = theta[key]
+                width = x[0, 0].numel()
+                basis = torch.eye(width, dtype=x.dtype).view(width, 1, 1, *x.shape[2:]).expand(width, *x.shape)
+
+                def tangent(t: Tensor, arg: int = arg) -> Tensor:
+                    primals = (theta["means"], sh, centers)
+                    tangents = tuple(t if i == arg else torch.zeros_like(v) for i, v in enumerate(primals))
+                    return torch.func.jvp(sh_colors, primals, tangents)[1]
+
+                start_col = offsets["means"] if key == "means" else self._keys_offset("sh")
+                jac[..., rows, start_col : start_col + width] = _columns(tangent, basis).permute(1, 2, 3, 4, 0)
+            if pose is not None:
+                pbasis = torch.eye(6, dtype=pose.dtype).view(6, 1, 1, 6).expand(6, *pose.shape)
+                dcols = _columns(lambda t: torch.func.jvp(
+                    lambda q: sh_colors(theta["means"], sh, camera_centers(apply_pose_deltas(vm, q))),
+                    (pose,), (t,))[1], pbasis)
+                jac_pose[..., rows, :] = dcols.permute(1, 2, 3, 4, 0)
+        return feats, jac, jac_pose
+
+    def _keys_offset(self, key: str) -> int:
+        """The first column of group ``key`` in the flat per-Gaussian parameters."""
+        return sum(self._sizes[: self._keys.index(key)])
 
     def _twin_jacobian(self, x: Tensor, pose: Tensor | None, vm: Tensor, ks: Tensor, W: int, H: int, **opts):
         """:meth:`_kernel_jacobian`'s outputs by ``torch.func`` forward mode on the pure-torch
-        projection (its twin; also the path for SH colours)."""
+        projection (its twin)."""
         from .problem import apply_pose_deltas
 
         B, C, N = self._dims[:3]

@@ -165,13 +165,15 @@ def test_jacobian_columns_follow_the_given_offsets_and_leave_the_rest_zero():
         _compiled_jacobians(theta, V, K, settings_, cols=(0, 3, 6, 10, 12), p=14)
 
 
-@pytest.mark.parametrize(("pose", "extras"), [(False, False), (True, True)])
-def test_linearization_products_equal_those_of_the_torch_func_jacobian(pose, extras):
+@pytest.mark.parametrize(("pose", "extras", "sh"), [(False, False, None), (True, True, None), (False, True, 2),
+                                                   (True, False, 1)])
+def test_linearization_products_equal_those_of_the_torch_func_jacobian(pose, extras, sh):
     B, N, C, W, H = 2, 25, 2, 11, 9
-    theta, V, K = random_scene(B, N, C, W, H, seed=8, dtype=F64)
+    theta, V, K = random_scene(B, N, C, W, H, seed=8, dtype=F64, sh_degree=sh)
     gen = torch.Generator().manual_seed(9)
     # another key order than the kernel's groups
-    theta = {k: theta[k] for k in ("colors", "quats", "means", "opacities", "log_scales")}
+    colour_key = "colors" if sh is None else "sh"
+    theta = {k: theta[k] for k in (colour_key, "quats", "means", "opacities", "log_scales")}
     if pose:
         theta["pose_deltas"] = 1e-3 * torch.randn(B, C, 6, generator=gen, dtype=F64)
     images = rasterize(theta, V, K, W, H, backend="torch").colors + 0.05
@@ -179,7 +181,7 @@ def test_linearization_products_equal_those_of_the_torch_func_jacobian(pose, ext
     if extras:
         data["background"] = torch.rand(B, C, 3, generator=gen, dtype=F64)
         data["weights"] = torch.rand(B, C, H, W, 1, generator=gen, dtype=F64)
-    problem = GaussianSplattingProblem(backend="cpu_kernels")
+    problem = GaussianSplattingProblem(backend="cpu_kernels", sh_degree=sh)
     frozen = problem.freeze(theta, data)
     kernel = KernelLinearization(problem, theta, frozen)
     twin = KernelLinearization(problem, theta, frozen, jacobian="torch.func")
