@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .cameras import camera_centers, intrinsics, look_at
 
-__all__ = ["orbit_cameras", "pixel_aligned_scene", "random_scene"]
+__all__ = ["DEGENERATE_CASES", "degenerate_scene", "orbit_cameras", "pixel_aligned_scene", "random_scene"]
 
 
 def orbit_cameras(
@@ -141,3 +141,47 @@ def random_scene(
     viewmats = v.unsqueeze(0).expand(batch, views, 4, 4).contiguous()
     Ks = k.unsqueeze(0).expand(batch, views, 3, 3).contiguous()
     return theta, viewmats, Ks
+
+
+DEGENERATE_CASES = ("zero_scales", "huge_scales", "bound_scales", "zero_quats", "huge_quats", "behind_camera",
+                    "on_camera_plane", "far_offscreen", "transparent", "needles", "opaque")
+
+
+def degenerate_scene(B: int, N: int, C: int, W: int, H: int, case: str | None = None, *, seed: int = 0,
+                     dtype: torch.dtype = torch.float64, count: int | None = None):
+    """``random_scene(B, N, C, W, H)`` with its first ``count`` Gaussians (default N // 4,
+    at least 1) made degenerate as ``case`` (one of :data:`DEGENERATE_CASES`, or ``None``
+    for none): the edge cases every rasterizer backend must survive. Returns
+    ``(theta, viewmats, Ks)`` with ``theta`` holding fresh tensors."""
+    theta, V, K = random_scene(B, N, C, W, H, seed=seed, dtype=dtype)
+    theta = {k: v.clone() for k, v in theta.items()}
+    eye = torch.linalg.inv(V[0, 0])[:3, 3]
+    k = max(N // 4, 1) if count is None else count
+    if case is None:
+        pass
+    elif case == "zero_scales":
+        theta["log_scales"][:, :k] = -1e3
+    elif case == "huge_scales":
+        theta["log_scales"][:, :k] = 1e3
+    elif case == "bound_scales":  # exactly on the clamp of the log-scales (round: well conditioned)
+        theta["log_scales"][:, :k] = 15.0
+    elif case == "zero_quats":
+        theta["quats"][:, :k] = 0.0
+    elif case == "huge_quats":
+        theta["quats"][:, :k] = theta["quats"][:, :k] * 1e30
+    elif case == "behind_camera":
+        theta["means"][:, :k] = 2 * eye
+    elif case == "on_camera_plane":
+        theta["means"][:, :k] = eye + torch.tensor([0.3, 0.2, 0.0], dtype=dtype)
+    elif case == "far_offscreen":  # in front, far to the side: the clamped u, v of the Jacobian
+        theta["means"][:, :k] = torch.tensor([1e6, -1e6, 0.0], dtype=dtype)
+    elif case == "transparent":
+        theta["opacities"][:, :k] = -50.0
+    elif case == "needles":  # one huge axis, two vanishing ones: the normalized determinant is clamped
+        theta["log_scales"][:, :k] = torch.tensor([15.0, -1e3, -1e3], dtype=dtype)
+    elif case == "opaque":  # every Gaussian: alpha clamped at 0.999 and early termination
+        theta["opacities"] = theta["opacities"] + 8.0
+        theta["log_scales"] = theta["log_scales"] + 1.0
+    else:
+        raise ValueError(f"case must be one of {DEGENERATE_CASES} or None, got {case!r}")
+    return theta, V, K

@@ -9,7 +9,7 @@ import torch
 
 from difftto.problems.splatting import cpu_kernels, project_gaussians, rasterize
 from difftto.problems.splatting.gaussians import Gaussians
-from difftto.problems.splatting.synthetic import random_scene
+from difftto.problems.splatting.synthetic import degenerate_scene
 
 _AVAILABLE, _WHY = cpu_kernels.cpu_kernels_available()  # compiles the kernels once, if needed
 pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=f"compiled CPU kernels unavailable: {_WHY}")
@@ -21,28 +21,9 @@ TOL = {F64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e
 
 
 def _scene(B, N, C, W, H, dtype, seed=0, per_camera=False, case=None):
-    theta, V, K = random_scene(B, N, C, W, H, seed=seed, dtype=dtype)
-    theta = {k: v.clone() for k, v in theta.items()}
+    theta, V, K = degenerate_scene(B, N, C, W, H, case, seed=seed, dtype=dtype)
     if per_camera:
         theta["colors"] = torch.rand(B, C, N, 3, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-    eye = torch.linalg.inv(V[0, 0])[:3, 3]
-    k = max(N // 4, 1)
-    if case == "zero_scales":
-        theta["log_scales"][:, :k] = -1e3
-    elif case == "huge_scales":
-        theta["log_scales"][:, :k] = 1e3
-    elif case == "bound_scales":  # exactly on the clamp of the log-scales (round: well conditioned)
-        theta["log_scales"][:, :k] = 15.0
-    elif case == "zero_quats":
-        theta["quats"][:, :k] = 0.0
-    elif case == "huge_quats":
-        theta["quats"][:, :k] = theta["quats"][:, :k] * 1e30
-    elif case == "behind_camera":
-        theta["means"][:, :k] = 2 * eye
-    elif case == "far_offscreen":
-        theta["means"][:, :k] = torch.tensor([1e6, -1e6, 0.0], dtype=dtype)
-    elif case == "transparent":
-        theta["opacities"][:, :k] = -20.0
     return theta, V, K
 
 

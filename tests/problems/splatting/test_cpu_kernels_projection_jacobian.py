@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from difftto.problems.splatting import GaussianSplattingProblem, cpu_kernels, rasterize
 from difftto.problems.splatting.kernel_linearization import KernelLinearization
 from difftto.problems.splatting.problem import apply_pose_deltas
-from difftto.problems.splatting.synthetic import random_scene
+from difftto.problems.splatting.synthetic import degenerate_scene, random_scene
 
 _AVAILABLE, _WHY = cpu_kernels.cpu_kernels_available()  # compiles the kernels once, if needed
 pytestmark = pytest.mark.skipif(not _AVAILABLE, reason=f"compiled CPU kernels unavailable: {_WHY}")
@@ -23,29 +23,7 @@ SIZES = (3, 3, 4, 1, 3)
 
 
 def _scene(B, N, C, W, H, seed=0, case=None):
-    theta, V, K = random_scene(B, N, C, W, H, seed=seed, dtype=F64)
-    theta = {k: v.clone() for k, v in theta.items()}
-    eye = torch.linalg.inv(V[0, 0])[:3, 3]
-    k = max(N // 4, 1)
-    if case == "zero_scales":
-        theta["log_scales"][:, :k] = -1e3
-    elif case == "huge_scales":
-        theta["log_scales"][:, :k] = 1e3
-    elif case == "bound_scales":  # exactly on the clamp of the log-scales
-        theta["log_scales"][:, :k] = 15.0
-    elif case == "zero_quats":
-        theta["quats"][:, :k] = 0.0
-    elif case == "huge_quats":
-        theta["quats"][:, :k] = theta["quats"][:, :k] * 1e30
-    elif case == "behind_camera":
-        theta["means"][:, :k] = 2 * eye
-    elif case == "far_offscreen":  # in front, far to the side: the clamped u, v of the Jacobian
-        theta["means"][:, :k] = torch.tensor([1e6, -1e6, 0.0], dtype=F64)
-    elif case == "transparent":
-        theta["opacities"][:, :k] = -50.0
-    elif case == "needles":  # one huge axis, two vanishing ones: the normalized determinant is clamped
-        theta["log_scales"][:, :k] = torch.tensor([15.0, -1e3, -1e3], dtype=F64)
-    return theta, V, K
+    return degenerate_scene(B, N, C, W, H, case, seed=seed, dtype=F64)
 
 
 def _flat(theta, keys=KEYS):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from difftto.problems.splatting import cpu_kernels, rasterize
-from difftto.problems.splatting.synthetic import random_scene
+from difftto.problems.splatting.synthetic import degenerate_scene, random_scene
 
 rasterize_module = importlib.import_module("difftto.problems.splatting.rasterize")
 F64 = torch.float64
@@ -89,22 +89,7 @@ def test_backward_equals_torch_autograd(dtype, B, N, C, W, H, sh):
 @pytest.mark.parametrize("case", ["zero_scales", "huge_scales", "zero_quats", "behind_camera", "far_offscreen",
                                   "opaque"])
 def test_degenerate_gaussians_match_torch(case):
-    theta, V, K = random_scene(1, 20, 1, 10, 10, seed=8)
-    theta = {k: v.clone() for k, v in theta.items()}
-    eye = torch.linalg.inv(V[0, 0])[:3, 3]
-    if case == "zero_scales":
-        theta["log_scales"][:, :5] = -1e3
-    elif case == "huge_scales":
-        theta["log_scales"][:, :5] = 1e3
-    elif case == "zero_quats":
-        theta["quats"][:, :5] = 0.0
-    elif case == "behind_camera":
-        theta["means"][:, :5] = 2 * eye
-    elif case == "far_offscreen":
-        theta["means"][:, :5] = torch.tensor([1e6, -1e6, 0.0], dtype=F64)
-    elif case == "opaque":  # alpha clamped at 0.999 and early termination
-        theta["opacities"] = theta["opacities"] + 8.0
-        theta["log_scales"] = theta["log_scales"] + 1.0
+    theta, V, K = degenerate_scene(1, 20, 1, 10, 10, case, seed=8, count=5)
     gen = torch.Generator().manual_seed(0)
     ref = _grads("torch", theta, V, K, 10, 10, None, gen)
     out = _grads("cpu_kernels", theta, V, K, 10, 10, None, torch.Generator().manual_seed(0))

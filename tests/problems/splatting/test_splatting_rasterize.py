@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from difftto.problems.splatting import rasterize
 from difftto.problems.splatting.gaussians import eval_sh
-from difftto.problems.splatting.synthetic import random_scene
+from difftto.problems.splatting.synthetic import degenerate_scene, random_scene
 
 F64 = torch.float64
 
@@ -185,21 +185,7 @@ def _assert_finite(out, *grads):
                                   "on_camera_plane", "far_offscreen"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_degenerate_gaussians_give_finite_images_and_gradients(case, dtype):
-    theta, V, K = random_scene(1, 20, 1, 10, 10, seed=8, dtype=dtype)
-    theta = {k: v.clone() for k, v in theta.items()}
-    eye = torch.linalg.inv(V[0, 0])[:3, 3]
-    if case == "zero_scales":
-        theta["log_scales"][:, :5] = -1e3
-    elif case == "huge_scales":
-        theta["log_scales"][:, :5] = 1e3
-    elif case == "zero_quats":
-        theta["quats"][:, :5] = 0.0
-    elif case == "behind_camera":
-        theta["means"][:, :5] = 2 * eye
-    elif case == "on_camera_plane":
-        theta["means"][:, :5] = eye + torch.tensor([0.3, 0.2, 0.0], dtype=dtype)
-    elif case == "far_offscreen":
-        theta["means"][:, :5] = torch.tensor([1e6, -1e6, 0.0], dtype=dtype)
+    theta, V, K = degenerate_scene(1, 20, 1, 10, 10, case, seed=8, dtype=dtype, count=5)
     params = {k: v.requires_grad_() for k, v in theta.items()}
     out = rasterize(params, V, K, 10, 10)
     (out.colors.sum() + out.depths.sum()).backward()
