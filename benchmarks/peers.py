@@ -453,12 +453,7 @@ def main() -> None:
                 print(json.dumps(record), flush=True)
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=HERE).stdout.strip()
+    commit = write_records(out, records)
     import torch
 
     versions = [f"torch {torch.__version__}"]
@@ -499,6 +494,16 @@ def main() -> None:
     print(json.dumps({"written": [str(out.with_suffix(".md")), str(out.with_suffix(".jsonl"))]}))
 
 
+def write_records(out: Path, records: list[dict]) -> str:
+    """Writes ``records`` as JSON lines to ``<out>.jsonl``; returns the short commit hash."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=HERE).stdout.strip()
+
+
 def interleaved(args, sizes: list[int], cache: str) -> None:
     """``--interleave``: per (problem, n), difftto's forward, then one process timing every
     listed method in turns; writes ``<out>_interleaved.{jsonl,md}``."""
@@ -525,12 +530,7 @@ def interleaved(args, sizes: list[int], cache: str) -> None:
                 if "skipped" in record or "error" in record:
                     break
     out = Path(args.out + "_interleaved")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=HERE).stdout.strip()
+    commit = write_records(out, records)
     base = methods[0]
     lines = [f"## peers, interleaved ({time.strftime('%Y-%m-%d')}, commit {commit}, "
              f"{args.threads} thread(s), `{' '.join(sys.argv[1:])}`)", "",
