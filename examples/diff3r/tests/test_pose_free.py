@@ -191,3 +191,16 @@ def test_pose_loss_is_zero_at_the_true_poses_only(batch):
     assert float(pose_free.pose_loss(exact, batch)) < 1e-8
     off = pose_free.PoseFreeOutput({**pred.theta, "pose": true + 0.1}, pred.lam, pred.depth)
     assert float(pose_free.pose_loss(off, batch)) > 1e-2
+
+
+@pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")
+def test_tto_variants_script_runs_on_a_checkpoint(root, tmp_path):
+    from examples.diff3r import pose_free_tto_variants
+
+    summary = train(compose_config(_overrides(root, tmp_path / "zs", "zero_shot")))
+    means = pose_free_tto_variants.main([str(summary["checkpoint"]), "--max-scenes", "1"])
+    assert len(means) == 6 and all(math.isfinite(v) for m in means.values() for v in m)
+    frozen = means["Adam, poses frozen (pose lr 1e-12)"]
+    assert frozen[1] == pytest.approx(frozen[0], abs=1e-3) and frozen[3] == pytest.approx(frozen[2], abs=1e-3)
+    from_truth = means["the same, started at the true context poses"]
+    assert from_truth[0] < 0.1 and from_truth[2] < 0.5  # degrees: the true poses, up to float32 round trips
