@@ -162,6 +162,23 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def evaluation_split(ref_state: dict, data_root: str | Path | None = None, tto_steps: int | None = None,
+               load_depth: bool = False) -> tuple[Any, Path, Any, dict]:
+    """What an evaluation reads from a checkpoint's config: the config (``data.root``
+    replaced by ``data_root`` when given), the prepared data root, the test split's
+    evaluation dataset and the TTO config as a dict (``steps`` replaced by ``tto_steps``
+    when given)."""
+    cfg = OmegaConf.create(ref_state["config"])
+    if data_root is not None:
+        cfg.data.root = str(data_root)
+    root = prepare_data(cfg.data)
+    dataset = make_dataset(cfg, root, "test", evaluation=True, load_depth=load_depth)
+    tto_cfg = OmegaConf.to_container(cfg.tto, resolve=True)
+    if tto_steps is not None:
+        tto_cfg["steps"] = int(tto_steps)
+    return cfg, root, dataset, tto_cfg
+
+
 def evaluate(
     zero_shot: str | Path,
     diff3r: str | Path | None = None,
@@ -189,14 +206,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, ref_state = checkpoint_rows(zero_shot, diff3r, no_uncertainty=no_uncertainty, unrolled=unrolled,
                                       naive_lam=naive_lam)
-    cfg = OmegaConf.create(ref_state["config"])
-    if data_root is not None:
-        cfg.data.root = str(data_root)
-    root = prepare_data(cfg.data)
-    dataset = make_dataset(cfg, root, "test", evaluation=True, load_depth=True)
-    tto_cfg = OmegaConf.to_container(cfg.tto, resolve=True)
-    if tto_steps is not None:
-        tto_cfg["steps"] = int(tto_steps)
+    _, root, dataset, tto_cfg = evaluation_split(ref_state, data_root, tto_steps, load_depth=True)
     layer = build_layer(tto_cfg, "implicit")
     lpips_module, lpips_message = load_lpips(lpips_checkpoint)
     print(f"[eval] {lpips_message}", flush=True)

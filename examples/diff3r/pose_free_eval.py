@@ -35,16 +35,21 @@ if __package__ in (None, "") and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
 import difftto  # noqa: E402
 from examples.diff3r import pose_free  # noqa: E402
 from examples.diff3r.demo import train_stages  # noqa: E402
-from examples.diff3r.evaluate import Row, checkpoint_rows, corrupt_exposure, markdown_table  # noqa: E402
+from examples.diff3r.evaluate import (  # noqa: E402
+    Row,
+    checkpoint_rows,
+    corrupt_exposure,
+    evaluation_split,
+    markdown_table,
+)
 from examples.diff3r.metrics import finite_mean, psnr, ssim  # noqa: E402
 from examples.diff3r.pose_alignment import align_target_poses, relative_pose_errors, scale_aligned_targets  # noqa: E402
-from examples.diff3r.train import CHECKPOINT_NAME, make_dataset, prepare_data  # noqa: E402
+from examples.diff3r.train import CHECKPOINT_NAME  # noqa: E402
 
 __all__ = ["evaluate_pose_free", "pose_table", "demo"]
 
@@ -125,14 +130,7 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
         if not isinstance(r.model, pose_free.PoseFreeModel):
             raise ValueError(f"{r.name}: the checkpoint holds a {type(r.model).__name__}, expected a pose-free "
                              "model (trained with model=pose_free)")
-    cfg = OmegaConf.create(ref_state["config"])
-    if data_root is not None:
-        cfg.data.root = str(data_root)
-    root = prepare_data(cfg.data)
-    dataset = make_dataset(cfg, root, "test", evaluation=True)
-    tto_cfg = OmegaConf.to_container(cfg.tto, resolve=True)
-    if tto_steps is not None:
-        tto_cfg["steps"] = int(tto_steps)
+    cfg, root, dataset, tto_cfg = evaluation_split(ref_state, data_root, tto_steps)
     pose_lr = float(cfg.model.tto_pose_lr) if tto_pose_lr is None else float(tto_pose_lr)
     layer = pose_free.build_layer(tto_cfg, "implicit", pose_lr)
     n = len(dataset) if max_scenes is None else min(len(dataset), int(max_scenes))
