@@ -97,9 +97,10 @@ def context_data(batch: Mapping[str, Tensor], images: Tensor | None = None) -> d
 
 def render_views(theta: Mapping[str, Tensor], batch: Mapping[str, Tensor], prefix: str = "target") -> Tensor:
     """Render Gaussians ``theta`` into the ``prefix`` views of ``batch``: ``[B, V, 3, H, W]``
-    (black background, not clipped)."""
+    (black background, not clipped; the rasterizer's ``auto`` backend: the compiled
+    kernels on CPU)."""
     viewmats, Ks, H, W = _cameras(batch, prefix)
-    colors = rasterize(dict(theta), viewmats, Ks, int(W), int(H), backend="torch").colors
+    colors = rasterize(dict(theta), viewmats, Ks, int(W), int(H)).colors
     return colors.permute(0, 1, 4, 2, 3)
 
 
