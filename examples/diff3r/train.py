@@ -13,7 +13,9 @@ Examples::
 
 Writes ``out_dir/checkpoint.pt`` (atomically), ``out_dir/metrics.jsonl`` (one JSON
 line per logged step: loss, PSNR, backward PCG iterations and failures, forward
-stationarity, mean Λ per group) and ``out_dir/config.yaml``.
+stationarity, mean Λ per group), the same numbers and target/render images to
+TensorBoard in ``out_dir/tensorboard/`` (``tensorboard=false`` turns it off) and
+``out_dir/config.yaml``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from examples.diff3r.data.augment import augment_context  # noqa: E402
 from examples.diff3r.metrics import load_lpips, lpips_distance, psnr  # noqa: E402
 from examples.diff3r.model import GROUPS, Diff3RModel  # noqa: E402
 from examples.diff3r.pipeline import build_layer, render_views, run_pipeline  # noqa: E402
+from examples.diff3r.tensorboard_log import TensorBoardLog  # noqa: E402
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -338,6 +341,8 @@ def train(cfg: DictConfig) -> dict:
     model.train()
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"train[{mode.name}]",
                disable=not (cfg.get("progress", True) and dctx.is_main), dynamic_ncols=True)
+    board = TensorBoardLog(out_dir / "tensorboard", bool(cfg.get("tensorboard", True)) and dctx.is_main,
+                           int(cfg.get("tensorboard_image_every", 50)))
     with open(metrics_path, "a") as log:
         for step in bar:
             t0 = time.perf_counter()
@@ -396,6 +401,7 @@ def train(cfg: DictConfig) -> dict:
             if dctx.is_main and (done % int(cfg.log_every) == 0 or done == steps or done == start_step + 1):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                board.record(rec, out.render, batch["target_images"])
                 extra = ""
                 if "pcg_iterations_mean" in rec:
                     extra = (f" | PCG it {rec['pcg_iterations_mean']:.1f} fail {rec['pcg_failures']}"
@@ -406,6 +412,7 @@ def train(cfg: DictConfig) -> dict:
                            f" ({rec['seconds']:.2f} s){extra}", file=sys.stdout)
             if done % int(cfg.checkpoint_every) == 0 or done == steps:
                 checkpoint(done)
+    board.close()
     if start_step >= steps and not ckpt_path.is_file():
         checkpoint(start_step)
     seconds = time.perf_counter() - started

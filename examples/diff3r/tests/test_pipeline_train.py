@@ -96,3 +96,26 @@ def test_data_generated_into_the_cache_once(tmp_path):
     assert prepare_data(cfg.data) == root and (root / "meta.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileNotFoundError, match="data.root"):
         prepare_data(compose_config([f"data.root={tmp_path / 'nothing'}", "data.generate=null"]).data)
+
+
+def test_tensorboard_holds_the_logged_numbers_and_images(root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(compose_config(tiny_overrides(root, out, "diff3r") + ["steps=2", "log_every=1",
+                                                                  "tensorboard_image_every=2"]))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [r["step"] for r in logged] == [1, 2]
+    assert [e.value for e in losses] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+    assert "train/pcg_iterations_mean" in events.Tags()["scalars"]
+    images = events.Images("train/targets_over_renders")  # image steps only: every 2nd
+    assert [e.step for e in images] == [2]
+    assert images[0].height == 2 * 16 and images[0].width == 16  # targets over renders, one view across
+
+
+def test_tensorboard_off(root, tmp_path):
+    out = tmp_path / "off"
+    train(compose_config(tiny_overrides(root, out, "zero_shot") + ["tensorboard=false"]))
+    assert (out / "metrics.jsonl").is_file() and not (out / "tensorboard").exists()
