@@ -118,9 +118,11 @@ class InnerObjective:
     def gauss_newton_operator(self, theta: Tensor, *, with_proximal: bool = True) -> LinearOperator:
         """``JᵀJ (+ diag Λ)`` at ``θ`` (detached). The problem's discrete state is frozen
         at ``θ`` for every product (:meth:`Problem.freeze`)."""
-        jvp, vjp, diag, product = self._jacobian_products(theta)
+        jvp, vjp, diag, product, blocks = self._jacobian_products(theta)
         gn = GaussNewtonOperator(jvp, vjp, self.layout_shape(theta), theta.dtype, theta.device,
                                  diagonal=diag, product=product)
+        if blocks is not None:  # read by the "block_jacobi" preconditioner
+            gn.block_diagonal = blocks
         lam = self._proximal_diagonal(theta) if with_proximal else None
         if lam is None:
             return gn
@@ -198,8 +200,11 @@ class InnerObjective:
         return self._jacobian_products(theta)[:3]
 
     def _jacobian_products(self, theta: Tensor):
-        """``(jvp, vjp, diag, product)``: :meth:`jacobian_products` and the whole
-        ``JᵀJ·v`` as one function where it is formed at once (``None``: ``vjp(jvp(v))``)."""
+        """``(jvp, vjp, diag, product, blocks)``: :meth:`jacobian_products`, the whole
+        ``JᵀJ·v`` as one function where it is formed at once (``None``: ``vjp(jvp(v))``),
+        and ``blocks() -> (blocks [B, N, p, p], index [N, p])``, the problem's per-item
+        diagonal blocks of ``JᵀJ`` on the flat unknowns ``index``
+        (:meth:`Linearization.gauss_newton_blocks`; ``None`` where it gives none)."""
         if not self.problem.is_least_squares:
             raise ValueError(
                 f"hessian='gauss_newton' needs a least-squares problem (residuals()); "
@@ -210,8 +215,34 @@ class InnerObjective:
         data = self.problem.freeze(structured, self.data)
         lin = self.problem.linearize(structured, data)
         if lin is not None:
-            return (*self._wrap_linearization(lin, theta), None)
-        return self._autograd_products(theta, data)
+            return (*self._wrap_linearization(lin, theta), None, self._linearization_blocks(lin))
+        return (*self._autograd_products(theta, data), None)
+
+    def _linearization_blocks(self, lin: Linearization):
+        """``lin``'s blocks on the flat unknowns (see :meth:`_jacobian_products`), or
+        ``None`` where its class gives none."""
+        if type(lin).gauss_newton_blocks is Linearization.gauss_newton_blocks:
+            return None
+        layout = self.layout
+
+        def blocks():
+            found = lin.gauss_newton_blocks()
+            if found is None:
+                return None
+            values, keys = found
+            slices, shapes = layout.slices(), dict(zip(layout.names, layout.shapes))
+            n_items = values.shape[1]
+            flat = torch.arange(layout.numel, device=values.device)
+            index = torch.cat([flat[slices[k]].reshape(n_items, -1) for k in keys], dim=1)
+            if index.shape[1] != values.shape[-1] or any(shapes[k][0] != n_items for k in keys):
+                raise ValueError(
+                    f"{type(lin).__name__}.gauss_newton_blocks gave blocks "
+                    f"{tuple(values.shape)} over groups {keys} of shapes "
+                    f"{[shapes[k] for k in keys]}; expected [B, N, p, p] with p their per-item sizes"
+                )
+            return values.detach(), index
+
+        return blocks
 
     def _wrap_linearization(self, lin: Linearization, theta: Tensor):
         layout = self.layout

@@ -9,7 +9,8 @@ problem offer structure the generic machinery cannot see:
   assignment and depth order of a rasterizer), so that products with ``J`` during one
   linear solve see one smooth function.
 - :meth:`Problem.linearize`: hand-written ``J·v`` / ``Jᵀ·w`` products and the exact
-  ``diag(JᵀJ)`` (e.g. compiled kernels). ``None`` means "use autograd".
+  ``diag(JᵀJ)`` (e.g. compiled kernels), optionally its per-item diagonal blocks
+  (:meth:`Linearization.gauss_newton_blocks`). ``None`` means "use autograd".
 - :meth:`Problem.gauss_newton_diagonal`: only the exact ``diag(JᵀJ)``, with autograd
   products (elementwise residuals, a fixed stencil: the column norms of ``J`` are a
   formula). ``None`` means "estimate it with probes" for the Jacobi preconditioner.
@@ -46,6 +47,18 @@ class Linearization:
 
     def gauss_newton_diagonal(self) -> Params | None:
         """``diag(JᵀJ)`` in the parameter structure, or ``None`` if not known."""
+        return None
+
+    def gauss_newton_blocks(self) -> tuple[Tensor, tuple[str, ...]] | None:
+        """The per-item diagonal blocks of ``JᵀJ``, or ``None`` if not known (the default).
+
+        Returns ``(blocks, keys)``: ``keys`` names groups that each have shape
+        ``[B, N, ...]`` with the same ``N`` items (e.g. Gaussians); ``blocks`` is
+        ``[B, N, p, p]`` with ``p`` the sum of the groups' per-item sizes, its rows and
+        columns running over the groups in the order of ``keys``, each item's entries
+        flattened. Groups not named (e.g. a camera pose shared by all items) are left to
+        :meth:`gauss_newton_diagonal`. Used by the ``"block_jacobi"`` preconditioner.
+        """
         return None
 
 

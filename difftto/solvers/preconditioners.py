@@ -8,7 +8,14 @@ from torch import Tensor
 
 from ..operators import LinearOperator
 
-__all__ = ["Preconditioner", "IdentityPreconditioner", "JacobiPreconditioner", "make_preconditioner"]
+__all__ = [
+    "Preconditioner",
+    "IdentityPreconditioner",
+    "JacobiPreconditioner",
+    "BlockJacobiPreconditioner",
+    "block_diagonal",
+    "make_preconditioner",
+]
 
 
 class Preconditioner:
@@ -42,16 +49,112 @@ class JacobiPreconditioner(Preconditioner):
         return self.inverse_diagonal * r
 
 
+class BlockJacobiPreconditioner(Preconditioner):
+    """``M = blockdiag(A)`` on given index blocks, ``diag(A)`` on the other unknowns.
+
+    Args:
+        blocks: the diagonal blocks of ``A``, ``[B, N, p, p]`` (symmetric).
+        index: ``[N, p]`` int64, the flat unknowns (columns of ``[B, n]``) of each block;
+            disjoint.
+        diagonal: ``diag(A)`` ``[B, n]``, used (as by :class:`JacobiPreconditioner`) for
+            the unknowns in no block, and for a block whose Cholesky factorization fails.
+
+    The blocks are factored and inverted once, in float64 (a block of a 3DGS Gaussian spans
+    parameters whose curvatures differ by many orders of magnitude). A block that is
+    not positive definite (an empty or degenerate one: a Gaussian that touches no pixel
+    with ``Λ = 0``, a quaternion's norm direction, non-finite entries) falls back to its
+    own diagonal, so that ``M`` stays SPD. Raises ``ValueError`` on mismatched shapes.
+    """
+
+    def __init__(self, blocks: Tensor, index: Tensor, diagonal: Tensor):
+        if blocks.dim() != 4 or blocks.shape[-1] != blocks.shape[-2]:
+            raise ValueError(f"blocks must have shape [B, N, p, p], got {tuple(blocks.shape)}")
+        if tuple(index.shape) != tuple(blocks.shape[1:3]):
+            raise ValueError(f"index must have shape [N, p] = {list(blocks.shape[1:3])}, "
+                             f"got {tuple(index.shape)}")
+        if diagonal.dim() != 2 or diagonal.shape[0] != blocks.shape[0]:
+            raise ValueError(f"diagonal must have shape [B, n] with B = {blocks.shape[0]}, "
+                             f"got {tuple(diagonal.shape)}")
+        self.index = index.to(device=diagonal.device, dtype=torch.long).reshape(-1)
+        self.jacobi = JacobiPreconditioner(diagonal)
+        blocks = blocks.detach().to(torch.float64)
+        finite = torch.isfinite(blocks).all(dim=(-2, -1))
+        factor, info = torch.linalg.cholesky_ex(torch.where(finite[..., None, None], blocks, 0.0))
+        ok = (info == 0) & finite & torch.isfinite(factor).all(dim=(-2, -1))
+        eye = torch.eye(blocks.shape[-1], dtype=torch.float64, device=blocks.device)
+        inverse = torch.cholesky_inverse(torch.where(ok[..., None, None], factor, eye))
+        inverse = torch.where(torch.isfinite(inverse).all(dim=(-2, -1), keepdim=True), inverse, 0.0)
+        ok = ok & (inverse != 0).any(dim=(-2, -1))
+        # A failed block gets its Jacobi inverse diagonal.
+        fallback = self.jacobi.inverse_diagonal[:, self.index].to(torch.float64)
+        fallback = torch.diag_embed(fallback.reshape(blocks.shape[:-1]))
+        # The explicit inverses (symmetrized), applied by a broadcast multiply-and-sum: on a
+        # CPU ~2× faster per PCG iteration than batched triangular solves of 14×14 blocks.
+        inverse = 0.5 * (inverse + inverse.transpose(-1, -2))
+        self.inverse_blocks = torch.where(ok[..., None, None], inverse, fallback)
+        self.fallback_blocks = int((~ok).sum())
+
+    def apply(self, r: Tensor) -> Tensor:
+        z = self.jacobi.apply(r)
+        rb = r[:, self.index].to(torch.float64).reshape(*self.inverse_blocks.shape[:-2], 1, -1)
+        zb = (self.inverse_blocks * rb).sum(dim=-1).reshape(r.shape[0], -1)
+        return z.index_copy(1, self.index, zb.to(r.dtype))
+
+
+def block_diagonal(operator: LinearOperator) -> tuple[Tensor, Tensor] | None:
+    """``(blocks [B, N, p, p], index [N, p])``: the diagonal blocks of ``operator`` where
+    known, else ``None``. A Gauss-Newton operator knows them when it carries a
+    ``block_diagonal`` function (:meth:`InnerObjective.gauss_newton_operator` attaches
+    the problem's :meth:`Linearization.gauss_newton_blocks`); a sum adds the other
+    term's diagonal (``diag Λ``) on the blocks' unknowns (or its blocks, on the same
+    unknowns; ``None`` on other ones), a scaled operator scales them."""
+    from ..operators import ScaledOperator, SumOperator
+
+    if isinstance(operator, SumOperator):
+        found_a, found_b = block_diagonal(operator.a), block_diagonal(operator.b)
+        if found_a is not None and found_b is not None:
+            same = found_a[1].shape == found_b[1].shape and torch.equal(found_a[1], found_b[1])
+            return (found_a[0] + found_b[0], found_a[1]) if same else None
+        for found, other in ((found_a, operator.b), (found_b, operator.a)):
+            if found is not None:
+                d = other.diagonal()
+                if d is None:
+                    return None
+                blocks, index = found
+                extra = d[:, index.reshape(-1)].reshape(blocks.shape[:-1])
+                return blocks + torch.diag_embed(extra), index
+        return None
+    if isinstance(operator, ScaledOperator):
+        found = block_diagonal(operator.op)
+        if found is None:
+            return None
+        scale = operator.scale.reshape(-1, 1, 1, 1) if operator.scale.dim() else operator.scale
+        return scale * found[0], found[1]
+    fn = getattr(operator, "block_diagonal", None)
+    return fn() if callable(fn) else None
+
+
 def make_preconditioner(spec: str | Preconditioner | None, operator: LinearOperator) -> Preconditioner:
-    """Builds a preconditioner from ``"jacobi"``, ``"identity"``, ``None`` or an instance.
+    """Builds a preconditioner from ``"jacobi"``, ``"block_jacobi"``, ``"identity"``,
+    ``None`` or an instance.
 
     ``"jacobi"`` needs ``operator.diagonal()``; an operator with no known diagonal
-    raises ``ValueError`` (ask for ``"identity"`` explicitly).
+    raises ``ValueError`` (ask for ``"identity"`` explicitly). ``"block_jacobi"``
+    (:class:`BlockJacobiPreconditioner`) uses the operator's diagonal blocks
+    (:func:`block_diagonal`) and falls back to ``"jacobi"`` where it knows none (to
+    ``"identity"`` where it knows no diagonal either).
     """
     if isinstance(spec, Preconditioner):
         return spec
     if spec is None or spec == "identity":
         return IdentityPreconditioner()
+    if spec == "block_jacobi":
+        with torch.no_grad():
+            found = block_diagonal(operator)
+            d = operator.diagonal() if found is not None else None
+        if found is None or d is None:  # as PCG does for "jacobi" with no diagonal
+            return make_preconditioner("jacobi" if operator.diagonal() is not None else "identity", operator)
+        return BlockJacobiPreconditioner(found[0], found[1], d)
     if spec == "jacobi":
         with torch.no_grad():
             d = operator.diagonal()
@@ -62,5 +165,6 @@ def make_preconditioner(spec: str | Preconditioner | None, operator: LinearOpera
             )
         return JacobiPreconditioner(d)
     raise ValueError(
-        f"preconditioner must be 'jacobi', 'identity', None or a Preconditioner, got {spec!r}"
+        f"preconditioner must be 'jacobi', 'block_jacobi', 'identity', None or a Preconditioner, "
+        f"got {spec!r}"
     )

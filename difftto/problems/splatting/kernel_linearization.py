@@ -18,7 +18,9 @@ kernels, adapted to a CPU:
 - ``diag(JᵀJ)`` exactly: per pair, the Gram matrix ``Σ_pixels Σ_ch u uᵀ`` of the
   residual's feature gradients ``u`` (the same cache), reduced by Gaussian and contracted
   with the projection Jacobian: ``Σ_c diag(J_cᵀ G_c J_c)``. For ``pose_deltas`` (shared
-  by all Gaussians of a camera) the diagonal takes 6 extra ``J·v`` passes.
+  by all Gaussians of a camera) the diagonal takes 6 extra ``J·v`` passes;
+- the per-Gaussian blocks ``Σ_c J_cᵀ G_c J_c`` of ``JᵀJ`` exactly, from the same Gram
+  matrices (a batched matmul in torch), for the block-Jacobi preconditioner.
 
 The residuals are the problem's: ``r = √w · (colour + (1 − alpha)·background − image)``.
 """
@@ -106,6 +108,7 @@ class KernelLinearization(Linearization):
             bg = torch.as_tensor(background, dtype=dtype).expand(B, C, D)
             rb = rw * bg[:, :, None, None, :]
         self._rw, self._rb = rw.contiguous(), rb.contiguous()
+        self._gram_cache: Tensor | None = None
 
     # ------------------------------------------------------------------ helpers
     def _kernel_jacobian(self, theta, vm: Tensor, ks: Tensor, W: int, H: int, **opts):
@@ -236,14 +239,32 @@ class KernelLinearization(Linearization):
             out[POSE_KEY] = torch.einsum("bcnfj,bcnf->bcj", self._jac_pose, gfeats)
         return out
 
+    def _gram(self) -> Tensor:
+        """``[B, C, N, F, F]``: per (image, Gaussian), ``Σ_pixels Σ_ch u uᵀ`` of the residual's
+        gradients ``u`` w.r.t. the Gaussian's projected features (kept: the diagonal and
+        the blocks both contract it)."""
+        if self._gram_cache is None:
+            B, C, N, H, W, D = self._dims
+            gauss_ptr, gauss_pairs = self._structure.by_gaussian()
+            gram = self._ext.gram(self._feats, self._structure.tile_ptr, self._structure.pair_gauss, gauss_ptr,
+                                  gauss_pairs, self._alpha, self._trans, self._rw.view(B * C, H, W, D),
+                                  self._rb.view(B * C, H, W, D), self._structure.signature[-1])
+            self._gram_cache = gram.view(B, C, N, *gram.shape[1:])
+        return self._gram_cache
+
+    def gauss_newton_blocks(self) -> tuple[Tensor, tuple[str, ...]]:
+        """The exact per-Gaussian blocks of ``JᵀJ``: ``Σ_c J_cᵀ G_c J_c`` ``[B, N, p, p]``
+        over every group but ``pose_deltas`` (in ``theta``'s key order), from the same
+        per-pair Gram matrices as :meth:`gauss_newton_diagonal`."""
+        gram, jac = self._gram(), self._jac
+        # J_cᵀ (G_c J_c), summed over cameras; F and p are small (≤ 12 and 14 + SH).
+        blocks = torch.einsum("bcnfp,bcnfq->bnpq", jac, torch.matmul(gram, jac))
+        return 0.5 * (blocks + blocks.transpose(-1, -2)), tuple(self._keys)
+
     def gauss_newton_diagonal(self) -> dict[str, Tensor]:
         """The exact ``diag(JᵀJ)`` in ``theta``'s structure."""
         B, C, N, H, W, D = self._dims
-        gauss_ptr, gauss_pairs = self._structure.by_gaussian()
-        gram = self._ext.gram(self._feats, self._structure.tile_ptr, self._structure.pair_gauss, gauss_ptr,
-                              gauss_pairs, self._alpha, self._trans, self._rw.view(B * C, H, W, D),
-                              self._rb.view(B * C, H, W, D), self._structure.signature[-1])
-        out = self._split(self._ext.gram_diagonal(self._jac, gram.view(B, C, N, *gram.shape[1:])))
+        out = self._split(self._ext.gram_diagonal(self._jac, self._gram()))
         if self._jac_pose is not None:
             cols = []
             for j in range(6):

@@ -1,0 +1,123 @@
+"""The block-Jacobi preconditioner: its apply is the inverse of the block-diagonal
+matrix it stands for (a hypothesis property against a dense inverse), failed blocks
+fall back to their diagonal, and operators pass their blocks through sums and scales."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difftto.operators import DiagonalOperator, GaussNewtonOperator
+from difftto.solvers.pcg import PCG
+from difftto.solvers.preconditioners import (
+    BlockJacobiPreconditioner,
+    IdentityPreconditioner,
+    JacobiPreconditioner,
+    block_diagonal,
+    make_preconditioner,
+)
+
+F64 = torch.float64
+
+
+def _system(B, N, p, extra, seed, dtype=F64):
+    """Random SPD blocks [B, N, p, p], a random disjoint index [N, p] into n = N·p + extra
+    unknowns, a positive diagonal [B, n], and the dense M [B, n, n] they stand for."""
+    gen = torch.Generator().manual_seed(seed)
+    n = N * p + extra
+    a = torch.randn(B, N, p, p, generator=gen, dtype=F64)
+    blocks = a @ a.transpose(-1, -2) + 0.1 * torch.eye(p, dtype=F64)
+    index = torch.randperm(n, generator=gen)[: N * p].reshape(N, p)
+    diagonal = 0.5 + torch.rand(B, n, generator=gen, dtype=F64)
+    dense = torch.diag_embed(diagonal)
+    for b in range(B):
+        for i in range(N):
+            dense[b][index[i][:, None], index[i][None, :]] = blocks[b, i]
+    return blocks.to(dtype), index, diagonal.to(dtype), dense, gen
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 3), N=st.integers(1, 6), p=st.integers(1, 5), extra=st.integers(0, 4),
+       seed=st.integers(0, 10_000), dtype=st.sampled_from([torch.float32, F64]))
+def test_apply_is_the_dense_inverse(B, N, p, extra, seed, dtype):
+    blocks, index, diagonal, dense, gen = _system(B, N, p, extra, seed, dtype)
+    precond = BlockJacobiPreconditioner(blocks, index, diagonal)
+    assert precond.fallback_blocks == 0
+    r = torch.randn(B, dense.shape[-1], generator=gen, dtype=F64)
+    expected = torch.linalg.solve(dense, r)
+    z = precond.apply(r.to(dtype))
+    assert z.dtype == dtype and z.shape == r.shape
+    tol = 1e-10 if dtype == F64 else 1e-4
+    scale = 1 + float(expected.abs().max())
+    assert float((z.to(F64) - expected).abs().max()) <= tol * scale
+
+
+def test_singular_empty_and_nonfinite_blocks_fall_back_to_their_diagonal():
+    blocks, index, diagonal, _, gen = _system(1, 4, 3, 2, seed=1)
+    blocks[0, 0] = 0.0  # an empty Gaussian with Λ = 0
+    blocks[0, 1] = torch.ones(3, 3, dtype=F64)  # rank one
+    blocks[0, 2, 0, 0] = float("nan")
+    diagonal[0, index[0]] = 0.0  # no useful scale: treated as 1, as Jacobi does
+    precond = BlockJacobiPreconditioner(blocks, index, diagonal)
+    assert precond.fallback_blocks == 3
+    r = torch.randn(1, diagonal.shape[1], generator=gen, dtype=F64)
+    z = precond.apply(r)
+    assert torch.isfinite(z).all()
+    jacobi = JacobiPreconditioner(diagonal).apply(r)
+    for i in range(3):
+        torch.testing.assert_close(z[:, index[i]], jacobi[:, index[i]])
+    expected = torch.linalg.solve(blocks[0, 3], r[0, index[3]])
+    torch.testing.assert_close(z[0, index[3]], expected)
+
+
+def test_rejects_mismatched_shapes():
+    blocks, index, diagonal, _, _ = _system(1, 2, 3, 0, seed=2)
+    with pytest.raises(ValueError, match="blocks must have shape"):
+        BlockJacobiPreconditioner(blocks[0], index, diagonal)
+    with pytest.raises(ValueError, match="index must have shape"):
+        BlockJacobiPreconditioner(blocks, index[:, :2], diagonal)
+    with pytest.raises(ValueError, match="diagonal must have shape"):
+        BlockJacobiPreconditioner(blocks, index, diagonal[0])
+
+
+def _gauss_newton(dense_jtj, blocks_fn):
+    op = GaussNewtonOperator(lambda v: torch.einsum("bij,bj->bi", dense_jtj, v), lambda w: w,
+                             tuple(dense_jtj.shape[:2]), F64,
+                             diagonal=torch.diagonal(dense_jtj, dim1=-2, dim2=-1).clone())
+    if blocks_fn is not None:
+        op.block_diagonal = blocks_fn
+    return op
+
+
+def test_blocks_pass_through_sum_and_scale_and_pcg_solves_with_them():
+    B, N, p = 2, 5, 3
+    blocks, index, _, _, gen = _system(B, N, p, 0, seed=3)
+    jtj = torch.zeros(B, N * p, N * p, dtype=F64)
+    for b in range(B):
+        for i in range(N):
+            jtj[b][index[i][:, None], index[i][None, :]] = blocks[b, i]
+    coupling = 0.1 * torch.randn(B, N * p, N * p, generator=gen, dtype=F64)
+    jtj = jtj + coupling @ coupling.transpose(-1, -2)  # off-block couplings, as in JᵀJ
+    exact_blocks = torch.stack([torch.stack([jtj[b][index[i][:, None], index[i][None, :]] for i in range(N)])
+                                for b in range(B)])
+    lam = 0.1 + torch.rand(B, N * p, generator=gen, dtype=F64)
+    op = 2.0 * (_gauss_newton(jtj, lambda: (exact_blocks, index)) + DiagonalOperator(lam, positive_definite=True))
+    found_blocks, found_index = block_diagonal(op)
+    expected = 2.0 * (exact_blocks + torch.diag_embed(lam[:, index.reshape(-1)].reshape(B, N, p)))
+    torch.testing.assert_close(found_blocks, expected)
+    assert torch.equal(found_index, index)
+    precond = make_preconditioner("block_jacobi", op)
+    assert isinstance(precond, BlockJacobiPreconditioner)
+    b = torch.randn(B, N * p, generator=gen, dtype=F64)
+    result = PCG(rtol=1e-12, max_iter=500, on_failure="raise").solve(op, b, preconditioner="block_jacobi")
+    dense = 2.0 * (jtj + torch.diag_embed(lam))
+    torch.testing.assert_close(result.solution, torch.linalg.solve(dense, b), rtol=1e-9, atol=1e-10)
+
+
+def test_falls_back_to_jacobi_or_identity_without_blocks():
+    jtj = torch.eye(4, dtype=F64).expand(1, 4, 4)
+    op = _gauss_newton(jtj, None)
+    assert block_diagonal(op) is None
+    assert isinstance(make_preconditioner("block_jacobi", op), JacobiPreconditioner)
+    no_diag = GaussNewtonOperator(lambda v: v, lambda w: w, (1, 4), F64)
+    assert isinstance(make_preconditioner("block_jacobi", no_diag), IdentityPreconditioner)
