@@ -102,20 +102,13 @@ def test_blocks_equal_dense_jacobian(extras, sh):
 # evaluation orders, differ there by 3e-4 relative to the largest block entry, within
 # eps × 7e13 ≈ 1.6e-2; the tolerance of _check_blocks scales with that conditioning (it
 # stays 1e-10 in every other case, whose conditions are below 10).
+@pytest.mark.parametrize("jacobian", ["kernel", "torch.func"])
 @pytest.mark.parametrize("case", DEGENERATE_CASES)
-def test_blocks_equal_dense_jacobian_with_degenerate_gaussians(case):
+def test_blocks_equal_dense_jacobian_with_degenerate_gaussians(case, jacobian):
     B, N, C, W, H = 1, 8, 2, 7, 6
     theta, V, K = degenerate_scene(B, N, C, W, H, case, seed=5, count=3)
     data = _data(theta, V, K, W, H, 6, True)
-    _check_blocks(theta, data, KEYS)
-
-
-@pytest.mark.parametrize("case", DEGENERATE_CASES)
-def test_blocks_from_the_twin_jacobian_equal_dense_jacobian_with_degenerate_gaussians(case):
-    B, N, C, W, H = 1, 8, 2, 7, 6
-    theta, V, K = degenerate_scene(B, N, C, W, H, case, seed=5, count=3)
-    data = _data(theta, V, K, W, H, 6, True)
-    _check_blocks(theta, data, KEYS, jacobian="torch.func")
+    _check_blocks(theta, data, KEYS, jacobian=jacobian)
 
 
 def test_blocks_leave_the_pose_to_the_diagonal():
