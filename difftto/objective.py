@@ -120,9 +120,7 @@ class InnerObjective:
         at ``θ`` for every product (:meth:`Problem.freeze`)."""
         jvp, vjp, diag, product, blocks = self._jacobian_products(theta)
         gn = GaussNewtonOperator(jvp, vjp, self.layout_shape(theta), theta.dtype, theta.device,
-                                 diagonal=diag, product=product)
-        if blocks is not None:  # read by the "block_jacobi" preconditioner
-            gn.block_diagonal = blocks
+                                 diagonal=diag, product=product, blocks=blocks)
         lam = self._proximal_diagonal(theta) if with_proximal else None
         if lam is None:
             return gn

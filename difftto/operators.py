@@ -67,6 +67,12 @@ class LinearOperator:
         """The exact diagonal ``[B, n]`` where known, else ``None``."""
         return None
 
+    def block_diagonal(self) -> tuple[Tensor, Tensor] | None:
+        """``(blocks [B, N, p, p], index [N, p])``: diagonal blocks of ``A`` on the
+        disjoint sets of unknowns ``index`` (e.g. each Gaussian's parameters), where
+        known, else ``None`` (the default). Read by the ``"block_jacobi"`` preconditioner."""
+        return None
+
     def __call__(self, v: Tensor) -> Tensor:
         return self.mv(v)
 
@@ -193,6 +199,23 @@ class SumOperator(LinearOperator):
             return None
         return da + db
 
+    def block_diagonal(self) -> tuple[Tensor, Tensor] | None:
+        """Both terms' blocks added where they cover the same unknowns; one term's blocks
+        plus the other's diagonal (e.g. ``diag Λ``) on them; else ``None``."""
+        found_a, found_b = self.a.block_diagonal(), self.b.block_diagonal()
+        if found_a is not None and found_b is not None:
+            same = found_a[1].shape == found_b[1].shape and torch.equal(found_a[1], found_b[1])
+            return (found_a[0] + found_b[0], found_a[1]) if same else None
+        for found, other in ((found_a, self.b), (found_b, self.a)):
+            if found is not None:
+                d = other.diagonal()
+                if d is None:
+                    return None
+                blocks, index = found
+                extra = d[:, index.reshape(-1)].reshape(blocks.shape[:-1])
+                return blocks + torch.diag_embed(extra), index
+        return None
+
 
 class ScaledOperator(LinearOperator):
     """``c A`` for a scalar ``c`` or a per-batch-element scale ``[B]``.
@@ -234,6 +257,13 @@ class ScaledOperator(LinearOperator):
         d = self.op.diagonal()
         return None if d is None else self.scale * d
 
+    def block_diagonal(self) -> tuple[Tensor, Tensor] | None:
+        found = self.op.block_diagonal()
+        if found is None:
+            return None
+        scale = self.scale.reshape(-1, 1, 1, 1) if self.scale.dim() else self.scale
+        return scale * found[0], found[1]
+
 
 class _LazyDiagonal:
     """A diagonal given as a tensor, or as a function computed on the first
@@ -260,6 +290,8 @@ class GaussNewtonOperator(_LazyDiagonal, LinearOperator):
             preconditions), or a function computing it on first use.
         product: ``v ↦ JᵀJ v`` formed at once (e.g. traced and folded once per
             linearization point); ``None`` (default): ``vjp(jvp(v))``.
+        blocks: a function giving :meth:`block_diagonal` (e.g. a problem's exact
+            per-item blocks of ``JᵀJ``), or ``None`` (default: none known).
 
     Symmetric and positive semi-definite by construction (``semidefinite = True``),
     so ``GaussNewtonOperator + DiagonalOperator(Λ > 0)`` is positive definite.
@@ -278,16 +310,21 @@ class GaussNewtonOperator(_LazyDiagonal, LinearOperator):
         *,
         diagonal: Tensor | Callable[[], Tensor | None] | None = None,
         product: Callable[[Tensor], Tensor] | None = None,
+        blocks: Callable[[], tuple[Tensor, Tensor] | None] | None = None,
     ):
         super().__init__(shape, dtype, device)
         self.jvp, self.vjp = jvp, vjp
         self._product = product
+        self._blocks = blocks
         self._set_diagonal(diagonal)
 
     def mv(self, v: Tensor) -> Tensor:
         if self._product is not None:
             return self._product(v)
         return self.vjp(self.jvp(v))
+
+    def block_diagonal(self) -> tuple[Tensor, Tensor] | None:
+        return None if self._blocks is None else self._blocks()
 
 
 class HessianOperator(_LazyDiagonal, LinearOperator):

@@ -13,7 +13,6 @@ __all__ = [
     "IdentityPreconditioner",
     "JacobiPreconditioner",
     "BlockJacobiPreconditioner",
-    "block_diagonal",
     "make_preconditioner",
 ]
 
@@ -101,39 +100,6 @@ class BlockJacobiPreconditioner(Preconditioner):
         return z.index_copy(1, self.index, zb.to(r.dtype))
 
 
-def block_diagonal(operator: LinearOperator) -> tuple[Tensor, Tensor] | None:
-    """``(blocks [B, N, p, p], index [N, p])``: the diagonal blocks of ``operator`` where
-    known, else ``None``. A Gauss-Newton operator knows them when it carries a
-    ``block_diagonal`` function (:meth:`InnerObjective.gauss_newton_operator` attaches
-    the problem's :meth:`Linearization.gauss_newton_blocks`); a sum adds the other
-    term's diagonal (``diag Λ``) on the blocks' unknowns (or its blocks, on the same
-    unknowns; ``None`` on other ones), a scaled operator scales them."""
-    from ..operators import ScaledOperator, SumOperator
-
-    if isinstance(operator, SumOperator):
-        found_a, found_b = block_diagonal(operator.a), block_diagonal(operator.b)
-        if found_a is not None and found_b is not None:
-            same = found_a[1].shape == found_b[1].shape and torch.equal(found_a[1], found_b[1])
-            return (found_a[0] + found_b[0], found_a[1]) if same else None
-        for found, other in ((found_a, operator.b), (found_b, operator.a)):
-            if found is not None:
-                d = other.diagonal()
-                if d is None:
-                    return None
-                blocks, index = found
-                extra = d[:, index.reshape(-1)].reshape(blocks.shape[:-1])
-                return blocks + torch.diag_embed(extra), index
-        return None
-    if isinstance(operator, ScaledOperator):
-        found = block_diagonal(operator.op)
-        if found is None:
-            return None
-        scale = operator.scale.reshape(-1, 1, 1, 1) if operator.scale.dim() else operator.scale
-        return scale * found[0], found[1]
-    fn = getattr(operator, "block_diagonal", None)
-    return fn() if callable(fn) else None
-
-
 def make_preconditioner(spec: str | Preconditioner | None, operator: LinearOperator) -> Preconditioner:
     """Builds a preconditioner from ``"jacobi"``, ``"block_jacobi"``, ``"identity"``,
     ``None`` or an instance.
@@ -141,7 +107,7 @@ def make_preconditioner(spec: str | Preconditioner | None, operator: LinearOpera
     ``"jacobi"`` needs ``operator.diagonal()``; an operator with no known diagonal
     raises ``ValueError`` (ask for ``"identity"`` explicitly). ``"block_jacobi"``
     (:class:`BlockJacobiPreconditioner`) uses the operator's diagonal blocks
-    (:func:`block_diagonal`) and falls back to ``"jacobi"`` where it knows none (to
+    (:meth:`LinearOperator.block_diagonal`) and falls back to ``"jacobi"`` where it knows none (to
     ``"identity"`` where it knows no diagonal either).
     """
     if isinstance(spec, Preconditioner):
@@ -150,7 +116,7 @@ def make_preconditioner(spec: str | Preconditioner | None, operator: LinearOpera
         return IdentityPreconditioner()
     if spec == "block_jacobi":
         with torch.no_grad():
-            found = block_diagonal(operator)
+            found = operator.block_diagonal()
             d = operator.diagonal() if found is not None else None
         if found is None or d is None:  # as PCG does for "jacobi" with no diagonal
             return make_preconditioner("jacobi" if operator.diagonal() is not None else "identity", operator)

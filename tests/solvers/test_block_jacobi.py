@@ -13,7 +13,6 @@ from difftto.solvers.preconditioners import (
     BlockJacobiPreconditioner,
     IdentityPreconditioner,
     JacobiPreconditioner,
-    block_diagonal,
     make_preconditioner,
 )
 
@@ -81,12 +80,9 @@ def test_rejects_mismatched_shapes():
 
 
 def _gauss_newton(dense_jtj, blocks_fn):
-    op = GaussNewtonOperator(lambda v: torch.einsum("bij,bj->bi", dense_jtj, v), lambda w: w,
-                             tuple(dense_jtj.shape[:2]), F64,
-                             diagonal=torch.diagonal(dense_jtj, dim1=-2, dim2=-1).clone())
-    if blocks_fn is not None:
-        op.block_diagonal = blocks_fn
-    return op
+    return GaussNewtonOperator(lambda v: torch.einsum("bij,bj->bi", dense_jtj, v), lambda w: w,
+                               tuple(dense_jtj.shape[:2]), F64,
+                               diagonal=torch.diagonal(dense_jtj, dim1=-2, dim2=-1).clone(), blocks=blocks_fn)
 
 
 def test_blocks_pass_through_sum_and_scale_and_pcg_solves_with_them():
@@ -102,7 +98,7 @@ def test_blocks_pass_through_sum_and_scale_and_pcg_solves_with_them():
                                 for b in range(B)])
     lam = 0.1 + torch.rand(B, N * p, generator=gen, dtype=F64)
     op = 2.0 * (_gauss_newton(jtj, lambda: (exact_blocks, index)) + DiagonalOperator(lam, positive_definite=True))
-    found_blocks, found_index = block_diagonal(op)
+    found_blocks, found_index = op.block_diagonal()
     expected = 2.0 * (exact_blocks + torch.diag_embed(lam[:, index.reshape(-1)].reshape(B, N, p)))
     torch.testing.assert_close(found_blocks, expected)
     assert torch.equal(found_index, index)
@@ -117,7 +113,7 @@ def test_blocks_pass_through_sum_and_scale_and_pcg_solves_with_them():
 def test_falls_back_to_jacobi_or_identity_without_blocks():
     jtj = torch.eye(4, dtype=F64).expand(1, 4, 4)
     op = _gauss_newton(jtj, None)
-    assert block_diagonal(op) is None
+    assert op.block_diagonal() is None
     assert isinstance(make_preconditioner("block_jacobi", op), JacobiPreconditioner)
     no_diag = GaussNewtonOperator(lambda v: v, lambda w: w, (1, 4), F64)
     assert isinstance(make_preconditioner("block_jacobi", no_diag), IdentityPreconditioner)

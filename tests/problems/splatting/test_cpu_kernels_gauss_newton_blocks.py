@@ -14,7 +14,7 @@ from difftto.problems.splatting.synthetic import DEGENERATE_CASES, degenerate_sc
 from difftto.regularizers import Proximal
 from difftto.solvers.dense import DenseCholesky
 from difftto.solvers.pcg import PCG
-from difftto.solvers.preconditioners import BlockJacobiPreconditioner, block_diagonal, make_preconditioner
+from difftto.solvers.preconditioners import BlockJacobiPreconditioner, make_preconditioner
 from difftto.tree import Layout
 
 _AVAILABLE, _WHY = cpu_kernels.cpu_kernels_available()  # compiles the kernels once, if needed
@@ -134,7 +134,7 @@ def test_block_jacobi_pcg_reaches_the_dense_cholesky_solution(pose):
     objective = InnerObjective(GaussianSplattingProblem(backend="cpu_kernels"), layout, data,
                                Proximal(flat.clone(), lam))
     op = objective.gauss_newton_operator(flat)
-    found = block_diagonal(op)
+    found = op.block_diagonal()
     assert found is not None
     precond = make_preconditioner("block_jacobi", op)
     assert isinstance(precond, BlockJacobiPreconditioner) and precond.fallback_blocks == 0
