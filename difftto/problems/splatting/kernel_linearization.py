@@ -116,10 +116,9 @@ class KernelLinearization(Linearization):
         the compiled projection: closed-form rows, parallel over Gaussians."""
         from .problem import apply_pose_deltas
 
-        offsets, start = dict.fromkeys(_KERNEL_GROUPS, -1), 0
+        offsets, start = {}, 0  # each group's first column in the flat per-Gaussian parameters
         for key, size in zip(self._keys, self._sizes):
-            if key in offsets:
-                offsets[key] = start
+            offsets[key] = start
             start += size
         pose = theta.get(POSE_KEY)
         cams, dviews = vm, vm.new_zeros(0)
@@ -143,7 +142,7 @@ class KernelLinearization(Linearization):
         settings = (W, H, opts["eps2d"], opts["near_plane"], opts["far_plane"])
         feats = self._ext.project_forward(*groups, colors.contiguous(), cams.contiguous(), ks.contiguous(),
                                           *settings)[0]
-        cols = torch.tensor([offsets[k] for k in _KERNEL_GROUPS], dtype=torch.int64)
+        cols = torch.tensor([offsets.get(k, -1) for k in _KERNEL_GROUPS], dtype=torch.int64)
         shared_colors = colors if sh is None else colors[:, 0]  # the kernel reads only D here
         out = self._ext.project_jacobian(*groups, shared_colors.contiguous(), cams.contiguous(), ks.contiguous(),
                                          *settings, cols, start, dviews)
@@ -161,7 +160,7 @@ class KernelLinearization(Linearization):
                     tangents = tuple(t if i == arg else torch.zeros_like(v) for i, v in enumerate(primals))
                     return torch.func.jvp(sh_colors, primals, tangents)[1]
 
-                start_col = offsets["means"] if key == "means" else self._keys_offset("sh")
+                start_col = offsets[key]
                 jac[..., rows, start_col : start_col + width] = _columns(tangent, basis).permute(1, 2, 3, 4, 0)
             if pose is not None:
                 pbasis = torch.eye(6, dtype=pose.dtype).view(6, 1, 1, 6).expand(6, *pose.shape)
@@ -170,10 +169,6 @@ class KernelLinearization(Linearization):
                     (pose,), (t,))[1], pbasis)
                 jac_pose[..., rows, :] = dcols.permute(1, 2, 3, 4, 0)
         return feats, jac, jac_pose
-
-    def _keys_offset(self, key: str) -> int:
-        """The first column of group ``key`` in the flat per-Gaussian parameters."""
-        return sum(self._sizes[: self._keys.index(key)])
 
     def _twin_jacobian(self, x: Tensor, pose: Tensor | None, vm: Tensor, ks: Tensor, W: int, H: int, **opts):
         """:meth:`_kernel_jacobian`'s outputs by ``torch.func`` forward mode on the pure-torch
