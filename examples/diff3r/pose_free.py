@@ -54,6 +54,7 @@ from examples.diff3r.model import (
     init_gaussian_head,
     lam_init_values,
 )
+from examples.diff3r.procrustes import weighted_procrustes
 
 __all__ = [
     "GROUPS",
@@ -144,6 +145,16 @@ class PoseFreeModel(nn.Module):
             :func:`build_layer`; kept here because it belongs to this model's θ).
         pose_supervision: weight of an optional training term on the predicted context
             poses (:func:`pose_loss`, read by ``train.py``; 0: photometric losses only).
+        pose_estimator: ``"head"``: the pose head's twist; ``"procrustes"``: a cross-view
+            point-map head predicts, for each pixel of view ``v``, its 3D point in the
+            first view's frame and a weight, and the weighted Procrustes
+            (:func:`examples.diff3r.procrustes.weighted_procrustes`) between view ``v``'s
+            own back-projected points and those gives the pose.
+        pose_lam: ``"camera"``: one Λ per camera (on all six twist entries);
+            ``"split"``: one for the translation and one for the rotation entries
+            (``lam["pose"]`` is then ``[B, V, 6]``).
+        lam_pose_rotation: the initial rotation Λ with ``pose_lam="split"`` (default:
+            ``lam_init``'s ``pose``).
         name: ``"pose_free"`` (the config's selector; ignored).
     """
 
@@ -161,11 +172,24 @@ class PoseFreeModel(nn.Module):
         pose_rotation: float = 0.3,
         tto_pose_lr: float = 3e-3,
         pose_supervision: float = 0.0,
+        pose_estimator: str = "head",
+        pose_lam: str = "camera",
+        lam_pose_rotation: float | None = None,
         name: str = "pose_free",
     ):
         super().__init__()
         check_scale_opacity(scale_min, scale_init, scale_max, opacity_init)
+        if pose_estimator not in ("head", "procrustes"):
+            raise ValueError(f"pose_estimator: expected 'head' or 'procrustes', got {pose_estimator!r}")
+        if pose_lam not in ("camera", "split"):
+            raise ValueError(f"pose_lam: expected 'camera' or 'split', got {pose_lam!r}")
         values = lam_init_values(lam_init, GROUPS)
+        if lam_pose_rotation is not None and float(lam_pose_rotation) <= 0:
+            raise ValueError(f"lam_pose_rotation: expected a value > 0, got {lam_pose_rotation}")
+        self.pose_estimator, self.pose_lam = pose_estimator, pose_lam
+        rotation_init = values[-1] if lam_pose_rotation is None else float(lam_pose_rotation)
+        self.register_buffer("lam_pose_init", torch.tensor([values[-1]] * 3 + [rotation_init] * 3),
+                             persistent=False)
         self.scale_min, self.scale_max = float(scale_min), float(scale_max)
         self.lam_min = float(lam_min)
         self.tto_pose_lr = float(tto_pose_lr)
@@ -180,9 +204,16 @@ class PoseFreeModel(nn.Module):
             nn.Conv2d(h, h, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(h, h, 3, padding=1), nn.SiLU(),
         )
-        self.pose_out = nn.Linear(h, 7)  # twist (6) and the camera's Λ (1)
+        # twist (6) and the camera's Λ (1, or translation and rotation Λ with pose_lam="split")
+        self.pose_out = nn.Linear(h, 7 if pose_lam == "camera" else 8)
         self.head = nn.Sequential(nn.Conv2d(3 + 3 * f, h, 3, padding=1), _Block(h), nn.SiLU(),
                                   nn.Conv2d(h, sum(_HEAD.values()), 3, padding=1))
+        if pose_estimator == "procrustes":
+            # Per pixel of view v ≥ 1: its point in the first view's frame, as an offset
+            # (in units of its depth) from its own-frame point, and a Procrustes weight.
+            # Inputs: [image_v, f_v, f_0, mean_u f_u] and the pose net's pooled features.
+            self.xview = nn.Sequential(nn.Conv2d(3 + 3 * f + h, h, 3, padding=1), _Block(h), nn.SiLU(),
+                                       nn.Conv2d(h, 4, 3, padding=1))
         self._init_outputs(scale_init, opacity_init)
 
     def _init_outputs(self, scale_init: float, opacity_init: float) -> None:
@@ -190,7 +221,12 @@ class PoseFreeModel(nn.Module):
         nn.init.normal_(self.pose_out.weight, std=1e-3)
         with torch.no_grad():
             self.pose_out.bias.zero_()
-            self.pose_out.bias[6] = _SOFTPLUS_ONE
+            self.pose_out.bias[6:] = _SOFTPLUS_ONE
+        if self.pose_estimator == "procrustes":  # start at the identity pose, uniform weights
+            nn.init.normal_(self.xview[-1].weight, std=1e-3)
+            with torch.no_grad():
+                self.xview[-1].bias.zero_()
+                self.xview[-1].bias[3] = _SOFTPLUS_ONE
 
     @staticmethod
     def _slices() -> dict[str, slice]:
@@ -213,10 +249,13 @@ class PoseFreeModel(nn.Module):
         first = torch.cat([images[:, :1], feats[:, :1]], dim=2).expand(B, V - 1, -1, H, W)
         others = torch.cat([images[:, 1:], feats[:, 1:]], dim=2)
         pooled = self.pose_net(torch.cat([first, others], dim=2).flatten(0, 1)).mean(dim=(-1, -2))
-        raw = self.pose_out(pooled).unflatten(0, (B, V - 1))  # [B, V-1, 7]
-        pose = torch.cat([raw.new_zeros(B, 1, 6), raw[..., :6] * self.pose_scale], dim=1)  # [B, V, 6]
-        lam_pose = F.softplus(raw[..., 6]) * self.lam_init[-1] + self.lam_min
-        lam_pose = torch.cat([torch.full_like(lam_pose[:, :1], float(self.lam_init[-1])), lam_pose], dim=1)
+        raw = self.pose_out(pooled).unflatten(0, (B, V - 1))  # [B, V-1, 7 or 8]
+        if self.pose_lam == "camera":
+            lam_pose = F.softplus(raw[..., 6]) * self.lam_init[-1] + self.lam_min
+            lam_pose = torch.cat([torch.full_like(lam_pose[:, :1], float(self.lam_init[-1])), lam_pose], dim=1)
+        else:  # [B, V, 6]: translation Λ on entries 0–2, rotation Λ on 3–5
+            lam_pose = F.softplus(raw[..., 6:8]).repeat_interleave(3, dim=-1) * self.lam_pose_init + self.lam_min
+            lam_pose = torch.cat([self.lam_pose_init.expand(B, 1, 6).to(lam_pose.dtype), lam_pose], dim=1)
 
         # Per-pixel heads.
         ctx = torch.cat([feats[:, :1].expand(B, V, -1, H, W), feats.mean(dim=1, keepdim=True).expand(B, V, -1, H, W)],
@@ -233,6 +272,16 @@ class PoseFreeModel(nn.Module):
         pix = torch.stack([u_idx, v_idx], dim=-1) + torch.sigmoid(out[..., sl["offset"]]) - 0.5  # [B, V, H, W, 2]
         pix = torch.cat([pix, torch.ones_like(pix[..., :1])], dim=-1)
         cam = pix @ torch.linalg.inv(K)[:, :, None].transpose(-1, -2) * depth[..., None]  # camera v, z = depth
+        if self.pose_estimator == "head":
+            pose = torch.cat([raw.new_zeros(B, 1, 6), raw[..., :6] * self.pose_scale], dim=1)  # [B, V, 6]
+        else:
+            glob = pooled.unflatten(0, (B, V - 1))[..., None, None].expand(B, V - 1, -1, H, W)
+            xo = self.xview(torch.cat([images[:, 1:], feats[:, 1:], ctx[:, 1:], glob], dim=2).flatten(0, 1))
+            xo = xo.unflatten(0, (B, V - 1)).permute(0, 1, 3, 4, 2).flatten(2, 3)  # [B, V-1, H·W, 4]
+            own = cam[:, 1:].flatten(2, 3)  # [B, V-1, H·W, 3]
+            in_first = own + depth[:, 1:].flatten(2, 3)[..., None] * xo[..., :3]
+            c2w_v = weighted_procrustes(own, in_first, F.softplus(xo[..., 3]) + 1e-4)  # camera v → view 0
+            pose = torch.cat([raw.new_zeros(B, 1, 6), se3_log(_invert(c2w_v))], dim=1)
         c2w = se3_exp(-pose)  # [B, V, 4, 4]: camera v → first view's frame
         means = cam @ c2w[:, :, None, :3, :3].transpose(-1, -2) + c2w[:, :, None, None, :3, 3]
 
