@@ -51,7 +51,7 @@ from examples.diff3r.metrics import finite_mean, psnr, ssim  # noqa: E402
 from examples.diff3r.pose_alignment import align_target_poses, relative_pose_errors, scale_aligned_targets  # noqa: E402
 from examples.diff3r.train import CHECKPOINT_NAME  # noqa: E402
 
-__all__ = ["evaluate_pose_free", "pose_table", "demo"]
+__all__ = ["evaluate_pose_free", "extended_context", "pose_table", "demo", "with_context_views"]
 
 
 def _invert(T: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,49 @@ def _invert(T: torch.Tensor) -> torch.Tensor:
 def _pixel_K(batch, prefix: str) -> torch.Tensor:
     H, W = batch[f"{prefix}_images"].shape[-2:]
     return batch[f"{prefix}_intrinsics"] * batch[f"{prefix}_intrinsics"].new_tensor([float(W), float(H), 1.0])[:, None]
+
+
+def extended_context(context: list[int], target: list[int], num_views: int, count: int) -> list[int]:
+    """``context`` (an evaluation-index entry's views, its first one the frame) with
+    views added up to ``count``: first views strictly between the outer context views
+    that are neither context nor target views (evenly spaced), then the nearest views
+    outside that range, alternating below and above. Targets are never added.
+
+    Raises:
+        ValueError: when the scene's ``num_views`` views cannot provide ``count``.
+    """
+    if count <= len(context):
+        return list(context[:count])
+    need = count - len(context)
+    taken = set(context) | set(target)
+    lo, hi = min(context), max(context)
+    interior = [v for v in range(lo + 1, hi) if v not in taken]
+    if len(interior) >= need:  # a step ≥ 1 between picks, so they are distinct
+        if need == 1:
+            return [*context, interior[len(interior) // 2]]
+        return [*context, *(interior[round(i * (len(interior) - 1) / (need - 1))] for i in range(need))]
+    picks = list(interior)
+    for d in range(1, num_views):
+        for v in (lo - d, hi + d):
+            if len(picks) < need and 0 <= v < num_views and v not in taken:
+                picks.append(v)
+    if len(picks) < need:
+        raise ValueError(f"count: a scene of {num_views} views with context {context} and targets {target} "
+                         f"has no {count} distinct non-target context views")
+    return list(context) + sorted(picks)
+
+
+def with_context_views(dataset, count: int):
+    """Set ``dataset``'s evaluation index (in place) to ``count`` context views per
+    scene (:func:`extended_context`); returns the dataset."""
+    index = {}
+    for i, key in enumerate(dataset.keys):
+        context, target = dataset.views(i)
+        num_views = dataset._scene(key)[0]["cameras"].shape[0]
+        index[key] = {"context": extended_context(context, target, num_views, count), "target": target}
+    dataset.evaluation_index = index
+    dataset.evaluation_path = None
+    return dataset
 
 
 def score_row(row: Row, batch, layer, context_images=None, *, align_steps: int = 100,
@@ -117,9 +160,13 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
                        data_root: str | Path | None = None, naive_lam: float = 1e-4, exposure: float = 1.5,
                        exposure_view: int = 1, tto_steps: int | None = None, max_scenes: int | None = None,
                        align_steps: int = 100, align_lr: float = 5e-3, tto_pose_lr: float | None = None,
-                       threads: int = 1) -> dict:
+                       num_context_views: int | None = None, threads: int = 1) -> dict:
     """Evaluate pose-free checkpoints on the test split's evaluation index; writes
-    ``results.json`` and ``results.md`` into ``out_dir`` and returns the results."""
+    ``results.json`` and ``results.md`` into ``out_dir`` and returns the results.
+
+    ``num_context_views``: context views per scene (default: the training config's
+    ``data.num_context_views``, else 2); views beyond the index's are added by
+    :func:`extended_context`."""
     torch.set_num_threads(int(threads))
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -131,12 +178,18 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
             raise ValueError(f"{r.name}: the checkpoint holds a {type(r.model).__name__}, expected a pose-free "
                              "model (trained with model=pose_free)")
     cfg, root, dataset, tto_cfg = evaluation_split(ref_state, data_root, tto_steps)
+    if num_context_views is None:
+        num_context_views = int(cfg.data.get("num_context_views", 2))
+    if num_context_views < 2:
+        raise ValueError(f"num_context_views: expected >= 2, got {num_context_views}")
+    with_context_views(dataset, int(num_context_views))
     pose_lr = float(cfg.model.tto_pose_lr) if tto_pose_lr is None else float(tto_pose_lr)
     layer = pose_free.build_layer(tto_cfg, "implicit", pose_lr)
     n = len(dataset) if max_scenes is None else min(len(dataset), int(max_scenes))
     per_scene: dict[str, dict] = {r.name: {"clean": [], "exposure": []} for r in rows}
-    keys = []
+    keys, contexts = [], []
     for i in range(n):
+        contexts.append(dataset.views(i)[0])
         batch = pose_free.first_view_frame(default_collate([dataset[i]]))
         keys.append(batch["key"][0])
         corrupted = corrupt_exposure(batch["context_images"], exposure_view, exposure)
@@ -152,7 +205,8 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
         return {k: finite_mean([r[k] for r in records]) for k in records[0]}
 
     results: dict[str, Any] = {
-        "scenes": n, "keys": keys, "data_root": str(root), "image_size": list(dataset.image_size),
+        "scenes": n, "keys": keys, "num_context_views": int(num_context_views), "context_views": contexts,
+        "data_root": str(root), "image_size": list(dataset.image_size),
         "tto": tto_cfg, "tto_pose_lr": pose_lr, "naive_lam": naive_lam,
         "exposure": {"factor": exposure, "view": exposure_view},
         "lpips": {"available": False, "message": "LPIPS not computed for the pose-free rows"},
@@ -167,7 +221,8 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
         "per_scene": per_scene,
     }
     results["seconds"] = round(time.perf_counter() - started, 1)
-    text = (f"Pose-free, held-out scenes: {n} ({dataset.image_size[0]}×{dataset.image_size[1]} px), TTO: "
+    text = (f"Pose-free, held-out scenes: {n} ({dataset.image_size[0]}×{dataset.image_size[1]} px), "
+            f"{num_context_views} context views, TTO: "
             f"{tto_cfg['inner']} {tto_cfg['steps']} steps on Gaussians and context poses (pose lr {pose_lr}); "
             f"naive TTO Λ = {naive_lam}; "
             f"target poses aligned ({align_steps} Adam steps, lr {align_lr}) before scoring.\n\n"
@@ -236,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--align-lr", type=float, default=5e-3)
     p.add_argument("--tto-pose-lr", type=float,
                    help="inner learning rate of the poses (default: the training config's)")
+    p.add_argument("--num-context-views", type=int,
+                   help="context views per scene (default: the training config's, else 2; views are added to "
+                        "the evaluation index's two)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     with warnings.catch_warnings():
@@ -244,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      unrolled=a.unrolled, data_root=a.data_root, naive_lam=a.naive_lam,
                                      exposure=a.exposure, exposure_view=a.exposure_view, tto_steps=a.tto_steps,
                                      max_scenes=a.max_scenes, align_steps=a.align_steps, align_lr=a.align_lr,
-                                     tto_pose_lr=a.tto_pose_lr, threads=a.threads)
+                                     tto_pose_lr=a.tto_pose_lr, num_context_views=a.num_context_views,
+                                     threads=a.threads)
     print((Path(a.out) / "results.md").read_text())
     return results
 

@@ -2,6 +2,7 @@
 layer, training in every mode (2 and 4 context views), pose errors and NoPoSplat's
 target-pose alignment."""
 
+import json
 import math
 
 import pytest
@@ -204,3 +205,37 @@ def test_tto_variants_script_runs_on_a_checkpoint(root, tmp_path):
     assert frozen[1] == pytest.approx(frozen[0], abs=1e-3) and frozen[3] == pytest.approx(frozen[2], abs=1e-3)
     from_truth = means["the same, started at the true context poses"]
     assert from_truth[0] < 0.1 and from_truth[2] < 0.5  # degrees: the true poses, up to float32 round trips
+
+
+def test_extended_context_adds_non_target_views_inside_then_outside():
+    from examples.diff3r.pose_free_eval import extended_context
+
+    assert extended_context([2, 9], [4, 5, 7], 12, 4) == [2, 9, 3, 8]  # evenly spaced in 3, 6, 8
+    assert extended_context([2, 9], [4, 5, 7], 12, 3) == [2, 9, 6]
+    assert extended_context([6, 11], [7, 8, 10], 12, 4) == [6, 11, 5, 9]  # one inside, then the nearest outside
+    assert extended_context([0, 3], [1, 2], 4, 2) == [0, 3]
+    with pytest.raises(ValueError, match="no 4 distinct"):
+        extended_context([0, 3], [1, 2], 4, 4)
+
+
+@pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")
+def test_evaluation_with_four_context_views(root, tmp_path):
+    """``pose_free_eval.py --num-context-views 4`` on a model trained with two, on test
+    scenes of 10 views (the tiny split's 6 leave no room): the index's two context
+    views plus two more, four poses refined and scored."""
+    from examples.diff3r import pose_free_eval
+    from examples.diff3r.data import generate_dataset
+
+    summary = train(compose_config(_overrides(root, tmp_path / "zs", "zero_shot")))
+    root10 = generate_dataset(tmp_path / "data10", 1, 2, views_per_scene=10, image_size=TINY_SIZE, seed=1)
+    results = pose_free_eval.main(["--zero-shot", str(summary["checkpoint"]), "--out", str(tmp_path / "eval"),
+                                   "--data-root", str(root10), "--num-context-views", "4", "--max-scenes", "1",
+                                   "--align-steps", "2", "--tto-steps", "2"])
+    assert results["num_context_views"] == 4
+    context = results["context_views"][0]
+    index = json.loads((root10 / "evaluation_index.json").read_text())[results["keys"][0]]
+    assert len(set(context)) == 4 and context[:2] == index["context"] and not set(context) & set(index["target"])
+    clean = results["rows"]["zero-shot + TTO"]["clean"]
+    for key in ("psnr", "rot_err_deg_before", "rot_err_deg_after", "trans_err_deg_after"):
+        assert math.isfinite(clean[key]), key
+    assert "4 context views" in (tmp_path / "eval" / "results.md").read_text()
