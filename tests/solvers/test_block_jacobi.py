@@ -42,6 +42,7 @@ def test_apply_is_the_dense_inverse(B, N, p, extra, seed, dtype):
     blocks, index, diagonal, dense, gen = _system(B, N, p, extra, seed, dtype)
     precond = BlockJacobiPreconditioner(blocks, index, diagonal)
     assert precond.fallback_blocks == 0
+    assert precond.covers_all == (extra == 0)  # the permutation path, or blocks + diagonal
     r = torch.randn(B, dense.shape[-1], generator=gen, dtype=F64)
     expected = torch.linalg.solve(dense, r)
     z = precond.apply(r.to(dtype))
@@ -117,3 +118,28 @@ def test_falls_back_to_jacobi_or_identity_without_blocks():
     assert isinstance(make_preconditioner("block_jacobi", op), JacobiPreconditioner)
     no_diag = GaussNewtonOperator(lambda v: v, lambda w: w, (1, 4), F64)
     assert isinstance(make_preconditioner("block_jacobi", no_diag), IdentityPreconditioner)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_block_whose_rounded_inverse_is_not_positive_definite_falls_back_in_float32(dtype):
+    # Block 0 holds float32 numbers and is positive definite (eigenvalues 1.03e-8, 1, 1): its
+    # float64 inverse is, but rounded to float32 that inverse is not (found by a search).
+    blocks, index, diagonal, _, gen = _system(1, 3, 3, 0, seed=4)
+    blocks[0, 0] = torch.tensor([[0.23609061539173126, -0.16905198991298676, -0.3895808756351471],
+                                 [-0.16905198991298676, 0.9625890254974365, -0.08621365576982498],
+                                 [-0.3895808756351471, -0.08621365576982498, 0.8013203740119934]], dtype=F64)
+    diagonal[0, index[0]] = 1.0
+    precond = BlockJacobiPreconditioner(blocks.to(dtype), index, diagonal.to(dtype))
+    assert precond.dtype == dtype and precond.covers_all
+    assert precond.fallback_blocks == (1 if dtype == torch.float32 else 0)
+    r = torch.randn(1, diagonal.shape[1], generator=gen, dtype=F64).to(dtype)
+    z = precond.apply(r).to(F64)
+    r = r.to(F64)
+    blocks = blocks.to(dtype).to(F64)
+    rest = index[1:].reshape(-1)
+    expected_rest = torch.block_diag(*[torch.linalg.inv(blocks[0, i]) for i in (1, 2)]) @ r[0, rest]
+    torch.testing.assert_close(z[0, rest], expected_rest, rtol=1e-5, atol=1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(z[0, index[0]], r[0, index[0]])  # its diagonal: 1
+    else:
+        torch.testing.assert_close(z[0, index[0]], torch.linalg.solve(blocks[0, 0], r[0, index[0]]))
