@@ -85,14 +85,15 @@ class BlockJacobiPreconditioner(Preconditioner):
         index = index.to(device=diagonal.device, dtype=torch.long)
         self.jacobi = JacobiPreconditioner(diagonal)
         blocks = blocks.detach().to(torch.float64)
-        finite = torch.isfinite(blocks).all(dim=(-2, -1))
+        # Finiteness per block from one sum (NaN or ±inf if any entry is; one pass, where
+        # isfinite + all makes two): the set-up is a fixed cost of every solve.
+        finite = torch.isfinite(blocks.sum(dim=(-2, -1)))
         factor, info = torch.linalg.cholesky_ex(torch.where(finite[..., None, None], blocks, 0.0))
         # A factor of finite entries is finite (|L_ij| ≤ √A_ii); its inverse may overflow.
         ok = (info == 0) & finite
         eye = torch.eye(blocks.shape[-1], dtype=torch.float64, device=blocks.device)
         inverse = torch.cholesky_inverse(torch.where(ok[..., None, None], factor, eye))
-        inverse = torch.where(torch.isfinite(inverse).all(dim=(-2, -1), keepdim=True), inverse, 0.0)
-        ok = ok & (inverse != 0).any(dim=(-2, -1))
+        ok = ok & torch.isfinite(inverse.sum(dim=(-2, -1)))
         # A failed block gets its Jacobi inverse diagonal.
         fallback = self.jacobi.inverse_diagonal[:, index.reshape(-1)].to(torch.float64)
         fallback = torch.diag_embed(fallback.reshape(blocks.shape[:-1]))
@@ -105,6 +106,7 @@ class BlockJacobiPreconditioner(Preconditioner):
         self.dtype = torch.promote_types(diagonal.dtype, torch.float32)
         if self.dtype != torch.float64:
             rounded = inverse.to(self.dtype).to(torch.float64)
+            ok = ok & torch.isfinite(rounded.sum(dim=(-2, -1)))  # no overflow (Cholesky passes inf)
             ok = ok & (torch.linalg.cholesky_ex(torch.where(ok[..., None, None], rounded, eye))[1] == 0)
         inverse = torch.where(ok[..., None, None], inverse, fallback)
         self.fallback_blocks = int((~ok).sum())

@@ -143,3 +143,17 @@ def test_block_whose_rounded_inverse_is_not_positive_definite_falls_back_in_floa
         torch.testing.assert_close(z[0, index[0]], r[0, index[0]])  # its diagonal: 1
     else:
         torch.testing.assert_close(z[0, index[0]], torch.linalg.solve(blocks[0, 0], r[0, index[0]]))
+
+
+def test_block_whose_inverse_overflows_float32_falls_back():
+    # Block 0 (float64 blocks, a float32 system) is SPD with a smallest eigenvalue of 1e-40:
+    # its inverse holds 1e40, beyond float32's range.
+    blocks, index, diagonal, _, gen = _system(1, 2, 2, 0, seed=5)
+    blocks[0, 0] = torch.diag(torch.tensor([1e-40, 1.0], dtype=F64))
+    precond = BlockJacobiPreconditioner(blocks, index, diagonal.to(torch.float32))
+    assert precond.dtype == torch.float32 and precond.fallback_blocks == 1
+    r = torch.randn(1, diagonal.shape[1], generator=gen).to(torch.float32)
+    z = precond.apply(r)
+    assert torch.isfinite(z).all()
+    jacobi = JacobiPreconditioner(diagonal.to(torch.float32)).apply(r)
+    torch.testing.assert_close(z[:, index[0]], jacobi[:, index[0]])
