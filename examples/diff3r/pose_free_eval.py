@@ -47,6 +47,7 @@ from examples.diff3r.evaluate import (  # noqa: E402
     evaluation_split,
     markdown_table,
 )
+from examples.diff3r.figures import image_grid  # noqa: E402
 from examples.diff3r.metrics import finite_mean, psnr, ssim  # noqa: E402
 from examples.diff3r.pose_alignment import align_target_poses, relative_pose_errors, scale_aligned_targets  # noqa: E402
 from examples.diff3r.train import CHECKPOINT_NAME  # noqa: E402
@@ -107,9 +108,11 @@ def with_context_views(dataset, count: int):
 
 
 def score_row(row: Row, batch, layer, context_images=None, *, align_steps: int = 100,
-              align_lr: float = 5e-3) -> dict[str, float]:
+              align_lr: float = 5e-3, renders: list | None = None) -> dict[str, float]:
     """Metrics of one row on one (first-view-frame) batch: target PSNR/SSIM after
-    target-pose alignment, context PSNR and pose errors before/after TTO."""
+    target-pose alignment, context PSNR and pose errors before/after TTO, and the
+    mean Λ of the context poses' translation and rotation entries (views ``1..``).
+    The first target's aligned render ``[3, H, W]`` is appended to ``renders`` when given."""
     with torch.no_grad():
         out = pose_free.run_pipeline(row.model, batch, layer if row.tto else None, lam=row.lam,
                                      context_images=context_images)
@@ -120,6 +123,8 @@ def score_row(row: Row, batch, layer, context_images=None, *, align_steps: int =
                                  steps=align_steps, lr=align_lr)
     with torch.no_grad():
         render = pose_free.render_targets(out.theta, batch, viewmats=aligned.viewmats).clamp(0, 1)
+        if renders is not None:
+            renders.append(render[0, 0])
         target = batch["target_images"]
         metrics = {"psnr": float(psnr(render, target).mean()), "ssim": float(ssim(render, target).mean()),
                    "psnr_before_alignment": float(-10 * torch.log10(aligned.mse_before.clamp_min(1e-12)).mean())}
@@ -138,19 +143,25 @@ def score_row(row: Row, batch, layer, context_images=None, *, align_steps: int =
             metrics["rot_err_deg_after"] = float(rot1.mean())
             metrics["trans_err_deg_after"] = float(tr1.mean())
             metrics["stationarity"] = float(out.info.forward.stationarity.mean())
+            lam_pose = out.lam["pose"][:, 1:]
+            lam_pose = lam_pose if lam_pose.dim() == 3 else lam_pose[..., None].expand(*lam_pose.shape, 6)
+            metrics["lam_pose_translation"] = float(lam_pose[..., :3].mean())
+            metrics["lam_pose_rotation"] = float(lam_pose[..., 3:].mean())
     return metrics
 
 
 def pose_table(results: dict) -> str:
     """Context pose errors (mean over scenes) before → after TTO, clean inputs."""
-    lines = ["| row | rotation error ° (Θ0 → Θ*) | translation direction error ° (Θ0 → Θ*) |", "|---|---|---|"]
+    lines = ["| row | rotation error ° (Θ0 → Θ*) | translation direction error ° (Θ0 → Θ*) | "
+             "Λ_pose translation, rotation |", "|---|---|---|---|"]
     for name, r in results["rows"].items():
         c = r["clean"]
         if "rot_err_deg_after" in c:
             lines.append(f"| {name} | {c['rot_err_deg_before']:.2f} → {c['rot_err_deg_after']:.2f} | "
-                         f"{c['trans_err_deg_before']:.2f} → {c['trans_err_deg_after']:.2f} |")
+                         f"{c['trans_err_deg_before']:.2f} → {c['trans_err_deg_after']:.2f} | "
+                         f"{c['lam_pose_translation']:.3g}, {c['lam_pose_rotation']:.3g} |")
         else:
-            lines.append(f"| {name} | {c['rot_err_deg_before']:.2f} | {c['trans_err_deg_before']:.2f} |")
+            lines.append(f"| {name} | {c['rot_err_deg_before']:.2f} | {c['trans_err_deg_before']:.2f} | — |")
     return "\n".join(lines) + "\n"
 
 
@@ -160,13 +171,15 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
                        data_root: str | Path | None = None, naive_lam: float = 1e-4, exposure: float = 1.5,
                        exposure_view: int = 1, tto_steps: int | None = None, max_scenes: int | None = None,
                        align_steps: int = 100, align_lr: float = 5e-3, tto_pose_lr: float | None = None,
-                       num_context_views: int | None = None, threads: int = 1) -> dict:
+                       num_context_views: int | None = None, figure_scenes: int = 4, threads: int = 1) -> dict:
     """Evaluate pose-free checkpoints on the test split's evaluation index; writes
     ``results.json`` and ``results.md`` into ``out_dir`` and returns the results.
 
     ``num_context_views``: context views per scene (default: the training config's
     ``data.num_context_views``, else 2); views beyond the index's are added by
-    :func:`extended_context`."""
+    :func:`extended_context`. ``renders.png``: for the first ``figure_scenes`` scenes,
+    the context views, the first target and each row's render of it after target-pose
+    alignment."""
     torch.set_num_threads(int(threads))
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -187,17 +200,20 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
     layer = pose_free.build_layer(tto_cfg, "implicit", pose_lr)
     n = len(dataset) if max_scenes is None else min(len(dataset), int(max_scenes))
     per_scene: dict[str, dict] = {r.name: {"clean": [], "exposure": []} for r in rows}
-    keys, contexts = [], []
+    keys, contexts, figure_rows = [], [], []
     for i in range(n):
         contexts.append(dataset.views(i)[0])
         batch = pose_free.first_view_frame(default_collate([dataset[i]]))
         keys.append(batch["key"][0])
         corrupted = corrupt_exposure(batch["context_images"], exposure_view, exposure)
+        tiles = [*batch["context_images"][0], batch["target_images"][0, 0]] if i < figure_scenes else None
         for row in rows:
             per_scene[row.name]["clean"].append(score_row(row, batch, layer, align_steps=align_steps,
-                                                          align_lr=align_lr))
+                                                          align_lr=align_lr, renders=tiles))
             per_scene[row.name]["exposure"].append(score_row(row, batch, layer, corrupted, align_steps=align_steps,
                                                              align_lr=align_lr))
+        if tiles is not None:
+            figure_rows.append(tiles)
         print(f"[eval] scene {i + 1}/{n} {keys[-1]}: "
               + ", ".join(f"{r.name} {per_scene[r.name]['clean'][-1]['psnr']:.2f}" for r in rows), flush=True)
 
@@ -220,6 +236,9 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
                  for name, v in per_scene.items()},
         "per_scene": per_scene,
     }
+    labels = [f"context {v}" for v in range(int(num_context_views))] + ["target"] + [r.name for r in rows]
+    if figure_rows:
+        results["figures"] = {"renders": str(image_grid(figure_rows, out_dir / "renders.png", col_labels=labels))}
     results["seconds"] = round(time.perf_counter() - started, 1)
     text = (f"Pose-free, held-out scenes: {n} ({dataset.image_size[0]}×{dataset.image_size[1]} px), "
             f"{num_context_views} context views, TTO: "
@@ -249,10 +268,12 @@ def demo(out: str | Path = "outputs/diff3r/pose_free", *, pretrain_steps: int = 
     summary = {"seconds": round(time.perf_counter() - started, 1), "data_root": pre["data_root"],
                "train_seconds": {"pretrain": pre["seconds"], "zero_shot": zs["seconds"], "diff3r": d3["seconds"]},
                "diff3r_pcg_failures": d3["pcg_failures"], "results": str(out / "eval" / "results.md"),
-               "eval_seconds": results["seconds"]}
+               "eval_seconds": results["seconds"], "figures": results.get("figures", {})}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print()
     print((out / "eval" / "results.md").read_text())
+    for name, path in summary["figures"].items():
+        print(f"  figure   {path}   ({name})")
     print(f"Done in {summary['seconds']} s. Outputs in {out}/")
     return summary
 
@@ -294,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-context-views", type=int,
                    help="context views per scene (default: the training config's, else 2; views are added to "
                         "the evaluation index's two)")
+    p.add_argument("--figure-scenes", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     with warnings.catch_warnings():
@@ -303,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      exposure=a.exposure, exposure_view=a.exposure_view, tto_steps=a.tto_steps,
                                      max_scenes=a.max_scenes, align_steps=a.align_steps, align_lr=a.align_lr,
                                      tto_pose_lr=a.tto_pose_lr, num_context_views=a.num_context_views,
-                                     threads=a.threads)
+                                     figure_scenes=a.figure_scenes, threads=a.threads)
     print((Path(a.out) / "results.md").read_text())
     return results
 

@@ -239,3 +239,8 @@ def test_evaluation_with_four_context_views(root, tmp_path):
     for key in ("psnr", "rot_err_deg_before", "rot_err_deg_after", "trans_err_deg_after"):
         assert math.isfinite(clean[key]), key
     assert "4 context views" in (tmp_path / "eval" / "results.md").read_text()
+    assert clean["lam_pose_translation"] == pytest.approx(1e-4) and clean["lam_pose_rotation"] == pytest.approx(1e-4)
+    from PIL import Image
+
+    with Image.open(results["figures"]["renders"]) as png:  # 4 context views, the target, 2 rows; 16 px × 4
+        assert png.width >= 7 * 64 and png.width < 8 * 64 and png.height >= 64
