@@ -84,38 +84,23 @@ class BlockJacobiPreconditioner(Preconditioner):
                              f"got {tuple(diagonal.shape)}")
         index = index.to(device=diagonal.device, dtype=torch.long)
         self.jacobi = JacobiPreconditioner(diagonal)
-        blocks = blocks.detach().to(torch.float64)
-        # Finiteness per block from one sum (NaN or ±inf if any entry is; one pass, where
-        # isfinite + all makes two): the set-up is a fixed cost of every solve.
-        finite = torch.isfinite(blocks.sum(dim=(-2, -1)))
-        factor, info = torch.linalg.cholesky_ex(torch.where(finite[..., None, None], blocks, 0.0))
-        # A factor of finite entries is finite (|L_ij| ≤ √A_ii); its inverse may overflow.
-        ok = (info == 0) & finite
-        eye = torch.eye(blocks.shape[-1], dtype=torch.float64, device=blocks.device)
-        inverse = torch.cholesky_inverse(torch.where(ok[..., None, None], factor, eye))
-        ok = ok & torch.isfinite(inverse.sum(dim=(-2, -1)))
-        # A failed block gets its Jacobi inverse diagonal.
-        fallback = self.jacobi.inverse_diagonal[:, index.reshape(-1)].to(torch.float64)
-        fallback = torch.diag_embed(fallback.reshape(blocks.shape[:-1]))
-        inverse = 0.5 * (inverse + inverse.transpose(-1, -2))  # symmetrized
-        # Applied in the system's precision (float32 for a float32 system: half the memory
-        # traffic, ~2× faster inside a 3DGS solve, the same iteration counts). Rounding is
-        # relative per entry, so the rounded inverse stays positive definite unless a block's
-        # equilibrated condition number nears 1/eps (~1e6 in float32; ≤ 1.5e4 on the 3DGS
-        # systems of benchmarks/preconditioning.py): such a block falls back to its diagonal.
         self.dtype = torch.promote_types(diagonal.dtype, torch.float32)
-        if self.dtype != torch.float64:
-            rounded = inverse.to(self.dtype).to(torch.float64)
-            ok = ok & torch.isfinite(rounded.sum(dim=(-2, -1)))  # no overflow (Cholesky passes inf)
-            ok = ok & (torch.linalg.cholesky_ex(torch.where(ok[..., None, None], rounded, eye))[1] == 0)
-        inverse = torch.where(ok[..., None, None], inverse, fallback)
-        self.fallback_blocks = int((~ok).sum())
+        batch, n_items, p = blocks.shape[:3]
+        fallback = self.jacobi.inverse_diagonal[:, index.reshape(-1)].reshape(batch, n_items, p)
         # Applied as a multiply-and-sum with the items last, [B, p, p, N] · [B, 1, p, N]
         # summed over the columns: every elementwise pass runs over N contiguous items.
         # On a CPU (2048 blocks of 14×14) that is ~2× faster than the same in [B, N, p, p]
         # (whose sums run over 14 entries) or a batched matmul, ~3× faster than batched
         # triangular solves.
-        self._inverse = inverse.permute(0, 2, 3, 1).to(self.dtype).contiguous()
+        self._inverse = torch.empty(batch, p, p, n_items, dtype=self.dtype, device=diagonal.device)
+        self.fallback_blocks = 0
+        # In chunks of items: the float64 set-up needs a few copies of the blocks, which at
+        # 10⁶ Gaussians would be gigabytes at once.
+        for start in range(0, n_items, _SETUP_CHUNK):
+            items = slice(start, start + _SETUP_CHUNK)
+            inverse, ok = _invert_blocks(blocks[:, items].detach(), fallback[:, items], self.dtype)
+            self._inverse[..., items] = inverse.permute(0, 2, 3, 1)
+            self.fallback_blocks += int((~ok).sum())
         # Gather r's unknowns column-major ([p, N]: entry j of every item, then j + 1).
         self._gather = index.t().reshape(-1).contiguous()
         n = diagonal.shape[1]
@@ -140,6 +125,38 @@ class BlockJacobiPreconditioner(Preconditioner):
             return zb.to(dtype).index_select(1, self._scatter)
         z = self.jacobi.apply(r)
         return z.index_copy_(1, self._gather, zb.to(z.dtype))
+
+
+# Items per chunk of the block-Jacobi set-up (float64 temporaries of ~25 MB at p = 14).
+_SETUP_CHUNK = 16384
+
+
+def _invert_blocks(blocks: Tensor, inverse_diagonal: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The inverses ``[B, N, p, p]`` (in ``dtype``) of SPD blocks ``[B, N, p, p]``, factored
+    and inverted in float64, and which blocks succeeded ``[B, N]``; a failed block gets
+    ``diag(inverse_diagonal)`` (``[B, N, p]``) instead (see :class:`BlockJacobiPreconditioner`)."""
+    blocks = blocks.to(torch.float64)
+    # Finiteness per block from one sum (NaN or ±inf if any entry is; one pass, where
+    # isfinite + all makes two): the set-up is a fixed cost of every solve.
+    finite = torch.isfinite(blocks.sum(dim=(-2, -1)))
+    factor, info = torch.linalg.cholesky_ex(torch.where(finite[..., None, None], blocks, 0.0))
+    # A factor of finite entries is finite (|L_ij| ≤ √A_ii); its inverse may overflow.
+    ok = (info == 0) & finite
+    eye = torch.eye(blocks.shape[-1], dtype=torch.float64, device=blocks.device)
+    inverse = torch.cholesky_inverse(torch.where(ok[..., None, None], factor, eye))
+    ok = ok & torch.isfinite(inverse.sum(dim=(-2, -1)))
+    inverse = 0.5 * (inverse + inverse.transpose(-1, -2))  # symmetrized
+    # Applied in the system's precision (float32 for a float32 system: half the memory
+    # traffic, ~2× faster inside a 3DGS solve, the same iteration counts). Rounding is
+    # relative per entry, so the rounded inverse stays positive definite unless a block's
+    # equilibrated condition number nears 1/eps (~1e6 in float32; ≤ 1.5e4 on the 3DGS
+    # systems of benchmarks/preconditioning.py): such a block falls back to its diagonal.
+    if dtype != torch.float64:
+        rounded = inverse.to(dtype).to(torch.float64)
+        ok = ok & torch.isfinite(rounded.sum(dim=(-2, -1)))  # no overflow (Cholesky passes inf)
+        ok = ok & (torch.linalg.cholesky_ex(torch.where(ok[..., None, None], rounded, eye))[1] == 0)
+    fallback = torch.diag_embed(inverse_diagonal.to(torch.float64))
+    return torch.where(ok[..., None, None], inverse, fallback).to(dtype), ok
 
 
 def make_preconditioner(spec: str | Preconditioner | None, operator: LinearOperator) -> Preconditioner:

@@ -157,3 +157,18 @@ def test_block_whose_inverse_overflows_float32_falls_back():
     assert torch.isfinite(z).all()
     jacobi = JacobiPreconditioner(diagonal.to(torch.float32)).apply(r)
     torch.testing.assert_close(z[:, index[0]], jacobi[:, index[0]])
+
+
+def test_set_up_in_chunks_of_items_gives_the_same_preconditioner(monkeypatch):
+    import difftto.solvers.preconditioners as preconditioners
+
+    blocks, index, diagonal, dense, gen = _system(2, 7, 3, 2, seed=6)
+    blocks[1, 3] = 0.0  # a failed block in a middle chunk falls back there
+    whole = BlockJacobiPreconditioner(blocks, index, diagonal)
+    monkeypatch.setattr(preconditioners, "_SETUP_CHUNK", 2)
+    chunked = BlockJacobiPreconditioner(blocks, index, diagonal)
+    assert whole.fallback_blocks == chunked.fallback_blocks == 1
+    torch.testing.assert_close(whole.inverse_blocks, chunked.inverse_blocks, rtol=1e-12, atol=0)
+    r = torch.randn(2, dense.shape[-1], generator=gen, dtype=F64)
+    expected = torch.linalg.solve(dense[:1], r[:1])  # element 0 has no failed block
+    torch.testing.assert_close(chunked.apply(r)[:1], expected)
