@@ -12,11 +12,15 @@ depends on them. The operator is difftto's public
 ``θ*``), solved by ``difftto.solvers.PCG(rtol=1e-4)``. With ``--backend auto`` (the
 default: the compiled CPU kernels on CPU) ``J·v``, ``Jᵀw`` and the exact ``diag(JᵀJ)``
 come from the kernels' linearization, and so do the exact per-Gaussian 14×14 blocks of
-``JᵀJ`` that ``block_jacobi`` factors once per solve (its build time is in the solve's
-time); with ``--backend torch`` they come from autograd (no blocks: ``block_jacobi``
-falls back to Jacobi)
-and ``diag(JᵀJ)`` for Jacobi is estimated from ``diagonal_probes`` Rademacher probes
-(``--probes``; they matter only there).
+``JᵀJ`` that ``block_jacobi`` factors once per solve; with ``--backend torch`` they come
+from autograd (no blocks: ``block_jacobi`` falls back to Jacobi) and ``diag(JᵀJ)`` for
+Jacobi is estimated from ``diagonal_probes`` Rademacher probes (``--probes``; they matter
+only there). ``auto`` (PCG's default) is ``block_jacobi`` where the operator has blocks,
+else ``jacobi``; the table says which preconditioner each spec picked.
+
+Each solve runs on an operator of its own, built just before it, so that a solve's time
+includes what its preconditioner reads (the diagonal, the blocks, their factorization);
+the cases of one Λ run ``--solve-repeats`` times in turns and the median time is reported.
 
 Per-iteration cost: the minimum over repeats of one operator product ``(JᵀJ + Λ)·v``
 (what one PCG iteration does, besides O(n) vector updates) and of one render
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +52,7 @@ import difftto  # noqa: E402
 from difftto.objective import InnerObjective  # noqa: E402
 from difftto.problems.splatting import rasterize  # noqa: E402
 from difftto.regularizers import Proximal  # noqa: E402
+from difftto.solvers.preconditioners import make_preconditioner  # noqa: E402
 
 
 def _best(fn, repeats: int) -> float:
@@ -83,7 +89,12 @@ def main() -> None:
                         help="diagonal probes for Jacobi (the first is the library default)")
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--max-iter", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="repeats of the per-iteration costs")
+    parser.add_argument("--solve-repeats", type=int, default=3,
+                        help="solves per case, the cases of one Λ in turns (median time reported)")
+    parser.add_argument("--preconditioners", default="jacobi,block_jacobi,identity",
+                        help="PCG preconditioner specs to compare ('auto', PCG's default, is "
+                             "block_jacobi where the operator has blocks, else jacobi)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", default="auto",
                         help="rasterizer backend of the operator: 'auto' (the compiled CPU "
@@ -95,8 +106,9 @@ def main() -> None:
     size = 64 if args.large else args.size
     scales = [float(s) for s in args.lam_scales.split(",")]
     probes = [int(p) for p in args.probes.split(",")]
+    preconditioners = args.preconditioners.split(",")
     if args.quick:
-        scales, probes, args.max_iter = [1.0], probes[:1], 500
+        scales, probes, args.max_iter, args.solve_repeats = [1.0], probes[:1], 500, 1
 
     theta0, data, star, grad, info = tto_point(size, args.tto_steps)
     problem = difftto.problems.get("gaussian_splatting", backend=args.backend)
@@ -114,29 +126,40 @@ def main() -> None:
     for scale in scales:
         lam = {k: torch.full(theta0[k].shape[:2], scale * float(diag0[k].mean())) for k in theta0}
         prox = Proximal(flat0, layout.expand(lam))
-        for n_probes in probes:
-            objective = InnerObjective(problem, layout, data, prox, diagonal_probes=n_probes)
-            start = time.perf_counter()
-            op = objective.gauss_newton_operator(flat_star)
-            build_s = time.perf_counter() - start
-            for pre in ("jacobi", "block_jacobi", "identity"):
-                if pre != "jacobi" and n_probes != probes[0]:
-                    continue  # the identity uses no diagonal; the blocks are exact or absent
+        # The cases of this Λ in turns (the first one rotating), each solve on an operator of
+        # its own, built just before it: every preconditioner pays for what it reads (the
+        # diagonal, the blocks and their set-up) inside its solve's time, as in a backward.
+        cases = [(pre, n_probes) for n_probes in probes for pre in preconditioners
+                 if pre == "jacobi" or n_probes == probes[0]]  # the others read no probes
+        times = {case: [] for case in cases}
+        last = {}
+        for turn in range(args.solve_repeats):
+            for pre, n_probes in cases[turn % len(cases):] + cases[:turn % len(cases)]:
+                objective = InnerObjective(problem, layout, data, prox, diagonal_probes=n_probes)
+                start = time.perf_counter()
+                op = objective.gauss_newton_operator(flat_star)
+                build_s = time.perf_counter() - start
                 solver = difftto.solvers.PCG(rtol=args.rtol, max_iter=args.max_iter,
                                              preconditioner=pre, on_failure="warn")
                 start = time.perf_counter()
                 result = solver.solve(op, rhs)
-                seconds = time.perf_counter() - start
-                its = int(result.iterations.max())
-                record = {"backend": args.backend, "lam_scale": scale, "preconditioner": pre,
-                          "diagonal_probes": n_probes if pre != "identity" else None,
-                          "iterations": its, "status": [int(s) for s in result.status],
-                          "relative_residual": float(result.relative_residual.max()),
-                          "time_s": round(seconds, 3),
-                          "ms_per_iteration": round(1e3 * seconds / max(its, 1), 2),
-                          "operator_build_s": round(build_s, 3)}
-                records.append(record)
-                print(json.dumps(record), flush=True)
+                times[(pre, n_probes)].append(time.perf_counter() - start)
+                last[(pre, n_probes)] = (result, build_s, op)
+        for pre, n_probes in cases:
+            result, build_s, op = last[(pre, n_probes)]
+            seconds = statistics.median(times[(pre, n_probes)])
+            its = int(result.iterations.max())
+            record = {"backend": args.backend, "lam_scale": scale, "preconditioner": pre,
+                      "picked": type(make_preconditioner(pre, op)).__name__,
+                      "diagonal_probes": n_probes if pre != "identity" else None,
+                      "iterations": its, "status": [int(s) for s in result.status],
+                      "relative_residual": float(result.relative_residual.max()),
+                      "time_s": round(seconds, 3),
+                      "times_s": [round(t, 3) for t in times[(pre, n_probes)]],
+                      "ms_per_iteration": round(1e3 * seconds / max(its, 1), 2),
+                      "operator_build_s": round(build_s, 3)}
+            records.append(record)
+            print(json.dumps(record), flush=True)
 
     # One PCG iteration's operator product vs one render forward+backward (2 views).
     lam = {k: torch.full(theta0[k].shape[:2], float(diag0[k].mean())) for k in theta0}
@@ -180,15 +203,17 @@ def main() -> None:
              f"3DGS Gauss-Newton system at a TTO point ({args.tto_steps} Adam steps, "
              f"{star['means'].shape[1]} Gaussians, n = {flat_star.shape[1]:,}, 2 views "
              f"{size}×{size}, float32), rasterizer backend `{problem.backend}` for the "
-             f"operator, rtol {args.rtol:g}, max_iter {args.max_iter}.", "",
-             "| Λ scale | preconditioner | diag probes | iterations | status | rel. residual "
-             "| time (s) | ms / iteration |", "|---:|---|---:|---:|---|---:|---:|---:|"]
+             f"operator, rtol {args.rtol:g}, max_iter {args.max_iter}; each solve on its own "
+             f"operator, the cases of one Λ in turns, median of {args.solve_repeats} solves.", "",
+             "| Λ scale | preconditioner | picked | diag probes | iterations | status | rel. residual "
+             "| time (s) | solves (s) | ms / iteration |", "|---:|---|---|---:|---:|---|---:|---:|---|---:|"]
     status_name = {0: "converged", 1: "max_iter", 2: "breakdown", 3: "non-finite"}
     for r in records:
-        lines.append(f"| {r['lam_scale']:g} | {r['preconditioner']} | "
+        lines.append(f"| {r['lam_scale']:g} | {r['preconditioner']} | {r['picked']} | "
                      f"{r['diagonal_probes'] or '–'} | {r['iterations']} | "
                      f"{status_name.get(r['status'][0], r['status'][0])} | "
-                     f"{r['relative_residual']:.1e} | {r['time_s']:.2f} | "
+                     f"{r['relative_residual']:.1e} | {r['time_s']:.3f} | "
+                     f"{', '.join(f'{t:.3f}' for t in r['times_s'])} | "
                      f"{r['ms_per_iteration']:.1f} |")
     lines.append("")
     for scale in scales:
@@ -196,12 +221,12 @@ def main() -> None:
                     "jacobi" and r["diagonal_probes"] == probes[0]), None)
         ide = next((r for r in records if r["lam_scale"] == scale and
                     r["preconditioner"] == "identity"), None)
-        blk = next((r for r in records if r["lam_scale"] == scale and
-                    r["preconditioner"] == "block_jacobi"), None)
-        if jac and blk:
-            lines.append(f"- Λ scale {scale:g}: block-Jacobi / Jacobi iterations = "
-                         f"{blk['iterations'] / jac['iterations']:.2f}, time = "
-                         f"{blk['time_s'] / jac['time_s']:.2f}")
+        for blk in (r for r in records if r["lam_scale"] == scale and
+                    r["preconditioner"] in ("block_jacobi", "auto")):
+            if jac:
+                lines.append(f"- Λ scale {scale:g}: {blk['preconditioner']} ({blk['picked']}) / "
+                             f"Jacobi iterations = {blk['iterations'] / jac['iterations']:.2f}, "
+                             f"median time = {blk['time_s'] / jac['time_s']:.2f}")
         if jac and ide:
             both = jac["status"][0] == 0 and ide["status"][0] == 0
             ratio = jac["iterations"] / ide["iterations"]

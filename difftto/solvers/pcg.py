@@ -114,8 +114,12 @@ class PCG:
     Args:
         rtol, atol: an element has converged when ``‖b − A x‖ ≤ max(rtol ‖b‖, atol)``.
         max_iter: iteration cap per element (``None``: :func:`default_max_iter` of ``n``).
-        preconditioner: ``"jacobi"`` (from ``operator.diagonal()``; identity where the
-            operator knows no diagonal), ``"identity"``, or a :class:`Preconditioner`.
+        preconditioner: ``"auto"`` (the default: block-Jacobi where the operator knows
+            its diagonal blocks, ``operator.block_diagonal()``, e.g. 3DGS's per-Gaussian
+            blocks; else Jacobi where it knows its diagonal; else the identity),
+            ``"block_jacobi"`` (the same), ``"jacobi"`` (from ``operator.diagonal()``;
+            identity where the operator knows no diagonal), ``"identity"``, or a
+            :class:`Preconditioner`. See :func:`~difftto.solvers.preconditioners.make_preconditioner`.
         check_every: iterations between host-side checks for early exit.
         recompute_every: iterations between true-residual replacements.
         on_failure: ``"raise"``, ``"warn"``, ``"zero"`` or ``"best"`` (see
@@ -132,7 +136,7 @@ class PCG:
     rtol: float = 1e-6
     atol: float = 0.0
     max_iter: int | None = None
-    preconditioner: str | Preconditioner | None = "jacobi"
+    preconditioner: str | Preconditioner | None = "auto"
     check_every: int = 10
     recompute_every: int = 50
     on_failure: str = "warn"

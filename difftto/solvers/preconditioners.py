@@ -160,25 +160,29 @@ def _invert_blocks(blocks: Tensor, inverse_diagonal: Tensor, dtype: torch.dtype)
 
 
 def make_preconditioner(spec: str | Preconditioner | None, operator: LinearOperator) -> Preconditioner:
-    """Builds a preconditioner from ``"jacobi"``, ``"block_jacobi"``, ``"identity"``,
-    ``None`` or an instance.
+    """Builds a preconditioner from ``"auto"``, ``"block_jacobi"``, ``"jacobi"``,
+    ``"identity"``, ``None`` or an instance.
 
-    ``"jacobi"`` needs ``operator.diagonal()``; an operator with no known diagonal
-    raises ``ValueError`` (ask for ``"identity"`` explicitly). ``"block_jacobi"``
-    (:class:`BlockJacobiPreconditioner`) uses the operator's diagonal blocks
-    (:meth:`LinearOperator.block_diagonal`) and falls back to ``"jacobi"`` where it knows none (to
-    ``"identity"`` where it knows no diagonal either).
+    ``"auto"`` (:class:`~difftto.solvers.pcg.PCG`'s default) and ``"block_jacobi"`` give a
+    :class:`BlockJacobiPreconditioner` where the operator knows its diagonal blocks
+    (:meth:`LinearOperator.block_diagonal`, e.g. the 3DGS kernels' per-Gaussian blocks of
+    ``JᵀJ``) and its diagonal, else a :class:`JacobiPreconditioner` where it knows its
+    diagonal, else the identity. ``"jacobi"`` needs ``operator.diagonal()``; an operator with
+    no known diagonal raises ``ValueError`` (ask for ``"identity"`` explicitly; ``PCG`` does
+    that itself).
     """
     if isinstance(spec, Preconditioner):
         return spec
     if spec is None or spec == "identity":
         return IdentityPreconditioner()
-    if spec == "block_jacobi":
+    if spec in ("auto", "block_jacobi"):
         with torch.no_grad():
             found = operator.block_diagonal()
-            d = operator.diagonal() if found is not None else None
-        if found is None or d is None:  # as PCG does for "jacobi" with no diagonal
-            return make_preconditioner("jacobi" if operator.diagonal() is not None else "identity", operator)
+            d = operator.diagonal()
+        if d is None:
+            return IdentityPreconditioner()
+        if found is None:
+            return JacobiPreconditioner(d)
         return BlockJacobiPreconditioner(found[0], found[1], d)
     if spec == "jacobi":
         with torch.no_grad():
@@ -190,6 +194,6 @@ def make_preconditioner(spec: str | Preconditioner | None, operator: LinearOpera
             )
         return JacobiPreconditioner(d)
     raise ValueError(
-        f"preconditioner must be 'jacobi', 'block_jacobi', 'identity', None or a Preconditioner, "
-        f"got {spec!r}"
+        f"preconditioner must be 'auto', 'block_jacobi', 'jacobi', 'identity', None or a "
+        f"Preconditioner, got {spec!r}"
     )

@@ -172,3 +172,34 @@ def test_set_up_in_chunks_of_items_gives_the_same_preconditioner(monkeypatch):
     r = torch.randn(2, dense.shape[-1], generator=gen, dtype=F64)
     expected = torch.linalg.solve(dense[:1], r[:1])  # element 0 has no failed block
     torch.testing.assert_close(chunked.apply(r)[:1], expected)
+
+
+def test_auto_is_pcgs_default_and_picks_blocks_then_the_diagonal_then_the_identity():
+    assert PCG().preconditioner == "auto"
+    B, N, p = 1, 6, 3
+    blocks, index, _, _, gen = _system(B, N, p, 0, seed=7)
+    jtj = torch.zeros(B, N * p, N * p, dtype=F64)
+    for i in range(N):
+        jtj[0][index[i][:, None], index[i][None, :]] = blocks[0, i]
+    coupling = 0.1 * torch.randn(B, N * p, N * p, generator=gen, dtype=F64)
+    jtj = jtj + coupling @ coupling.transpose(-1, -2)
+    exact_blocks = torch.stack([jtj[0][index[i][:, None], index[i][None, :]] for i in range(N)])[None]
+    with_blocks = _gauss_newton(jtj, lambda: (exact_blocks, index))
+    without_blocks = _gauss_newton(jtj, None)
+    no_diagonal = GaussNewtonOperator(lambda v: torch.einsum("bij,bj->bi", jtj, v), lambda w: w,
+                                      (B, N * p), F64)
+    assert isinstance(make_preconditioner("auto", with_blocks), BlockJacobiPreconditioner)
+    assert isinstance(make_preconditioner("auto", without_blocks), JacobiPreconditioner)
+    assert isinstance(make_preconditioner("auto", no_diagonal), IdentityPreconditioner)
+    # The default solve preconditions as its pick does, iteration for iteration.
+    b = torch.randn(B, N * p, generator=gen, dtype=F64)
+    solver = PCG(rtol=1e-10, max_iter=500, on_failure="raise")
+    expected = torch.linalg.solve(jtj, b)
+    for op, same_as in ((with_blocks, "block_jacobi"), (without_blocks, "jacobi"),
+                        (no_diagonal, "identity")):
+        default, named = solver.solve(op, b), solver.solve(op, b, preconditioner=same_as)
+        assert torch.equal(default.iterations, named.iterations)
+        torch.testing.assert_close(default.solution, named.solution, rtol=0, atol=0)
+        torch.testing.assert_close(default.solution, expected, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="'auto'"):
+        make_preconditioner("blocks", with_blocks)
