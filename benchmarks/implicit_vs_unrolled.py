@@ -13,12 +13,17 @@ Two problems:
 - ``nls``: a nonlinear least squares registered here, ``tanh_smoothing``:
   ``r = [w ⊙ (tanh θ − y); s (θ_{i+1} − θ_i)]`` with ``n = 20 000`` (float64); the inner
   optimizer is gradient descent with ``lr = 1/L``. The outer loss is ``½‖θ* − θ_true‖²``.
+  The problem states its exact ``diag(JᵀJ)`` (``Problem.gauss_newton_diagonal``:
+  ``w² sech⁴θ`` plus ``s²`` per difference holding ``θ_j``); ``tanh_smoothing_probe`` is
+  the same residuals without it (Jacobi from the 8-probe estimate), for the ``_probe`` modes.
 
-Modes: ``implicit`` (IFT, Gauss-Newton ``JᵀJ + diag Λ``, Jacobi PCG, ``--rtol``),
-``implicit_loose`` (the same at rtol 1e-2; 3DGS-LM runs its PCG at 5e-2),
-``implicit_block`` / ``implicit_block_loose`` (the same two with the block-Jacobi
-preconditioner: per-Gaussian blocks of ``JᵀJ + diag Λ`` where the problem's
-linearization gives them, Jacobi otherwise, as on ``nls``), ``unrolled``,
+Modes: ``implicit`` (IFT, Gauss-Newton ``JᵀJ + diag Λ``, PCG with its default
+preconditioner ``"auto"``: block-Jacobi where the problem's linearization gives per-item
+blocks of ``JᵀJ``, i.e. per Gaussian on ``3dgs``, else Jacobi, as on ``nls``; ``--rtol``),
+``implicit_loose`` (the same at rtol 1e-2; 3DGS-LM runs its PCG at 5e-2). Suffixes name
+the variant: ``_jacobi`` (Jacobi, the default before 2026-11-30), ``_block``
+(``"block_jacobi"`` by name), ``_probe`` (``nls`` only: the problem without its exact
+diagonal), e.g. ``implicit_jacobi``, ``implicit_jacobi_loose``. Then ``unrolled``,
 ``truncated`` (last ``--truncate`` steps) and ``straight_through``.
 
 Reference gradients (the gradient of the *converged* solution map):
@@ -66,8 +71,9 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 from pcg import MALLOC_ENV, _reset_peak, _status_kib  # noqa: E402
 
-MODES = ("implicit", "implicit_loose", "implicit_block", "implicit_block_loose", "unrolled", "truncated",
+MODES = ("implicit", "implicit_loose", "implicit_jacobi", "implicit_jacobi_loose", "unrolled", "truncated",
          "straight_through")
+IMPLICIT_VARIANTS = ("_jacobi", "_block", "_probe", "_loose")
 GROUPS = ("means", "log_scales", "quats", "opacities", "colors")
 
 
@@ -80,14 +86,26 @@ def _register_nls():
     if "tanh_smoothing" in difftto.problems.available():
         return
 
-    @difftto.problems.register("tanh_smoothing")
-    class TanhSmoothing(difftto.Problem):
+    @difftto.problems.register("tanh_smoothing_probe")
+    class TanhSmoothingProbe(difftto.Problem):
         """``r = [w ⊙ (tanh θ − y); s (θ_{i+1} − θ_i)]``; θ, y, w: ``[B, n]``."""
 
         def residuals(self, theta, data):
             fit = data["w"] * (torch.tanh(theta) - data["y"])
             smooth = data["s"] * (theta[:, 1:] - theta[:, :-1])
             return torch.cat([fit, smooth], dim=1)
+
+    @difftto.problems.register("tanh_smoothing")
+    class TanhSmoothing(TanhSmoothingProbe):
+        """The same residuals with their exact ``diag(JᵀJ)``."""
+
+        def gauss_newton_diagonal(self, theta, data):
+            # Column j of J: w_j sech²θ_j in the fit rows; ±s in the one (j at an end) or
+            # two differences that hold θ_j. sech² as cosh⁻² (1 − tanh² cancels at large |θ|).
+            neighbours = torch.full_like(theta, 2.0)
+            neighbours[:, 0] -= 1.0
+            neighbours[:, -1] -= 1.0
+            return (data["w"] * torch.cosh(theta).pow(-2)) ** 2 + data["s"] ** 2 * neighbours
 
 
 def nls_setup(n: int, seed: int = 0):
@@ -189,7 +207,15 @@ def build(case: dict):
     def inner(steps):
         return difftto.GradientDescent(lr=lr, steps=steps)
 
-    return theta0, lam, data, outer, inner, "tanh_smoothing"
+    return theta0, lam, data, outer, inner, ("tanh_smoothing_probe" if "_probe" in case.get("mode", "")
+                                             else "tanh_smoothing")
+
+
+def _backward_mode(mode: str) -> str:
+    """The layer's backward of a mode: the mode without its variant suffixes."""
+    for suffix in IMPLICIT_VARIANTS:
+        mode = mode.replace(suffix, "")
+    return mode
 
 
 def run_case(case: dict) -> dict:
@@ -201,9 +227,10 @@ def run_case(case: dict) -> dict:
     theta0, lam, data, outer, inner, problem = build(case)
     mode, steps = case["mode"], case["steps"]
     rtol = 1e-2 if mode.endswith("_loose") else case["rtol"]
-    preconditioner = "block_jacobi" if "_block" in mode else "jacobi"
+    preconditioner = ("jacobi" if "_jacobi" in mode else "block_jacobi" if "_block" in mode
+                      else "auto")
     layer = difftto.ImplicitLayer(
-        problem, inner=inner(steps), backward=mode.replace("_loose", "").replace("_block", ""),
+        problem, inner=inner(steps), backward=_backward_mode(mode),
         solver=difftto.solvers.PCG(rtol=rtol, max_iter=case["max_iter"], preconditioner=preconditioner),
         truncate=min(case["truncate"], steps), on_failure="warn")
 
@@ -439,7 +466,7 @@ def targets(rows: list[dict]) -> list[str]:
         ratio = imp["peak_memory_mb"] / unr["peak_memory_mb"]
         out.append(f"- K = {k}: implicit peak memory / unrolled = {ratio:.3f} "
                    f"(target ≤ 0.25: {'met' if ratio <= 0.25 else 'NOT met'})")
-    for mode in ("implicit", "implicit_loose", "implicit_block", "implicit_block_loose"):
+    for mode in sorted({m for m, _ in by if m.startswith("implicit")}, key=lambda m: (len(m), m)):
         r = by.get((mode, k))
         if r:
             out.append(f"- K = {k}: {mode} backward / forward = {r['backward_over_forward']:.2f} "
@@ -459,7 +486,8 @@ def plot(records: list[dict], path: Path) -> None:
 
     problems = [p for p in ("3dgs", "nls") if any(r["problem"] == p for r in records)]
     colors = {"implicit": (31, 119, 180), "implicit_loose": (148, 103, 189),
-              "implicit_block": (23, 190, 207), "implicit_block_loose": (140, 86, 75),
+              "implicit_jacobi": (23, 190, 207), "implicit_jacobi_loose": (140, 86, 75),
+              "implicit_block": (188, 189, 34), "implicit_probe": (127, 127, 127),
               "unrolled": (214, 39, 40), "truncated": (255, 127, 14),
               "straight_through": (44, 160, 44)}
     pw, ph, margin = 420, 300, 60
