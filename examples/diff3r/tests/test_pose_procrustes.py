@@ -187,3 +187,17 @@ def test_split_pose_lambda_reaches_both_parts_through_the_layer(batch):
     grad = model.pose_out.weight.grad
     assert float(grad[6].abs().sum()) > 0 and float(grad[7].abs().sum()) > 0
     assert float(model.xview[-1].weight.grad.abs().sum()) > 0
+
+
+def test_pose_probe_script_trains_both_estimators_on_the_pose_loss(tmp_path):
+    from examples.diff3r import pose_free_pose_probe
+
+    root = tiny_dataset(tmp_path / "data")
+    out = pose_free_pose_probe.probe(("head", "procrustes"), steps=2, eval_every=2, train_batches=1, overrides=(
+        f"data.root={root}", f"data.image_size={TINY_SIZE}", "data.gap=[2,4]", "data.num_target_views=1",
+        "model.feature_channels=8", "model.hidden_channels=8", "batch_size=1"))
+    assert set(out["runs"]) == {"head", "procrustes"}
+    for log in out["runs"].values():
+        assert [r["step"] for r in log] == [2]
+        assert all(0 <= e < 180 for r in log for e in (*r["train"], *r["test"]))
+    assert 0 <= out["trivial_test"][0] < 180
