@@ -364,12 +364,14 @@ def first_view_frame(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pose_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> Tensor:
+def pose_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], rotation_weight: float = 1.0) -> Tensor:
     """Mean squared twist error of the predicted context poses ``1..V-1`` against the
-    batch's (first-view-frame) ones: ``‖log(T_pred · T_true⁻¹)‖²``, a scalar."""
+    batch's (first-view-frame) ones: ``‖log(T_pred · T_true⁻¹)‖²``, a scalar, its
+    rotation entries weighted by ``rotation_weight``."""
     true_w2c = _invert(batch["context_extrinsics"][:, 1:])
     rel = se3_exp(pred.theta["pose"][:, 1:]) @ _invert(true_w2c)
-    return se3_log(rel).pow(2).sum(-1).mean()
+    err = se3_log(rel).pow(2)
+    return (err[..., :3].sum(-1) + rotation_weight * err[..., 3:].sum(-1)).mean()
 
 
 def gaussians_only(theta: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -69,11 +69,13 @@ def _trivial(train_batches, test_batches) -> tuple[float, float]:
 
 
 def probe(estimators=("head", "procrustes"), steps: int = 600, lr: float = 1e-3, eval_every: int = 200,
-          overrides: tuple[str, ...] = (), seed: int = 0, train_batches: int = 12) -> dict:
+          overrides: tuple[str, ...] = (), seed: int = 0, train_batches: int = 12,
+          rotation_weight: float = 1.0) -> dict:
     """Train one model per estimator on the pose loss alone; returns the errors by
     estimator and step (on ``train_batches`` fixed batches of random training view
     pairs, and on the test split's evaluation index) and the trivial predictor's test
-    errors."""
+    errors. ``rotation_weight``: the loss's weight on the rotation entries of the twist
+    error (:func:`examples.diff3r.pose_free.pose_loss`)."""
     torch.set_num_threads(1)
     cfg = compose_config(["model=pose_free", *overrides])
     root = prepare_data(cfg.data)
@@ -82,7 +84,8 @@ def probe(estimators=("head", "procrustes"), steps: int = 600, lr: float = 1e-3,
     test = [pose_free.first_view_frame(default_collate([test_ds[i]])) for i in range(len(test_ds))]
     fixed_train = [pose_free.first_view_frame(fetch_batch(train_ds, *batch_indices(len(train_ds), 2, 123, s),
                                                           torch.device("cpu"))) for s in range(train_batches)]
-    out = {"trivial_test": _trivial(fixed_train, test), "steps": steps, "lr": lr, "runs": {}}
+    out = {"trivial_test": _trivial(fixed_train, test), "steps": steps, "lr": lr, "rotation_weight": rotation_weight,
+           "runs": {}}
     for est in estimators:
         torch.manual_seed(seed)
         model = build_model(compose_config(["model=pose_free", *overrides, f"model.pose_estimator={est}"]).model)
@@ -92,7 +95,7 @@ def probe(estimators=("head", "procrustes"), steps: int = 600, lr: float = 1e-3,
             idx, epoch = batch_indices(len(train_ds), int(cfg.batch_size), seed, step)
             b = pose_free.first_view_frame(fetch_batch(train_ds, idx, epoch, torch.device("cpu")))
             pred = model(b["context_images"], b["context_intrinsics"], b["context_near"], b["context_far"])
-            loss = pose_free.pose_loss(pred, b)
+            loss = pose_free.pose_loss(pred, b, rotation_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -114,10 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--rotation-weight", type=float, default=1.0, help="weight of the twist error's rotation entries")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("overrides", nargs="*", help="hydra overrides (model.*, data.*)")
     a = p.parse_args(argv)
-    result = probe(tuple(a.estimators), a.steps, a.lr, a.eval_every, tuple(a.overrides))
+    result = probe(tuple(a.estimators), a.steps, a.lr, a.eval_every, tuple(a.overrides),
+                   rotation_weight=a.rotation_weight)
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -244,3 +244,16 @@ def test_evaluation_with_four_context_views(root, tmp_path):
 
     with Image.open(results["figures"]["renders"]) as png:  # 4 context views, the target, 2 rows; 16 px × 4
         assert png.width >= 7 * 64 and png.width < 8 * 64 and png.height >= 64
+
+
+def test_pose_loss_weights_the_rotation_entries(batch):
+    model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
+    with torch.no_grad():
+        pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
+                     batch["context_far"])
+    true = se3_log(torch.linalg.inv(batch["context_extrinsics"]))
+    off = se3_log(se3_exp(torch.tensor([0.0, 0.0, 0.0, 0.02, -0.01, 0.03])) @ se3_exp(true))  # rotation error only
+    out = pose_free.PoseFreeOutput({**pred.theta, "pose": off}, pred.lam, pred.depth)
+    # T_pred · T_true⁻¹ = exp(δ): the loss is ‖ω_δ‖² = 0.0014 (one scene, one non-frame view).
+    assert float(pose_free.pose_loss(out, batch)) == pytest.approx(0.0014, rel=1e-3)
+    assert float(pose_free.pose_loss(out, batch, rotation_weight=10.0)) == pytest.approx(0.014, rel=1e-3)
