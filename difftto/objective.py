@@ -27,7 +27,7 @@ from .tree import Layout
 
 __all__ = ["InnerObjective", "JVP_MODES"]
 
-JVP_MODES = ("auto", "forward", "double_vjp", "linearize")
+JVP_MODES = ("auto", "forward", "double_vjp", "linearize", "compile")
 
 
 class InnerObjective:
@@ -49,7 +49,15 @@ class InnerObjective:
             reused, i.e. ``data`` holds only tensors and plain values; otherwise the
             double VJP, which reuses one graph and was 3-10x
             faster than ``torch.func.jvp`` on small problems here, falling back to
-            forward mode when an operation has no double-backward rule).
+            forward mode when an operation has no double-backward rule), or ``"compile"``
+            (``"linearize"`` with the traced product compiled by ``torch.compile``
+            (inductor, static shapes) once per trace, so once per problem class and
+            shape: a new linearization point feeds new constants to the same compiled
+            code; the first product of a shape costs the compilation, seconds; the folded
+            eager product where compiling fails or its result disagrees with the eager
+            one, after a :class:`~difftto.solvers.compiled.CompileFallbackWarning`).
+            Only the generic traced products are compiled; a problem's own
+            :meth:`Problem.linearize` is used as it is.
         diagonal_probes: random probes for the unbiased estimate of ``diag(JᵀJ)``
             (only when the problem supplies no exact diagonal); ``0`` disables it.
     """
@@ -154,7 +162,8 @@ class InnerObjective:
 
             for kind, fn in (("forward", forward_over_reverse), ("reverse", reverse_over_reverse)):
                 hvp = _fold_linear_map(fn, theta, inputs, owner=type(self.problem),
-                                       signature=None if signature is None else (kind, signature))
+                                       signature=None if signature is None else (kind, signature),
+                                       compile=self.jvp_mode == "compile")
                 if hvp is not None:
                     break
         if hvp is None:
@@ -182,7 +191,7 @@ class InnerObjective:
         ``LINEARIZE_MIN_NUMEL`` unknowns and only where the trace can be reused: data with
         a non-plain value, e.g. a rasterizer's frozen state, would need a trace per solve,
         which costs more than it saves)."""
-        return self.jvp_mode == "linearize" or (
+        return self.jvp_mode in ("linearize", "compile") or (
             self.jvp_mode == "auto" and signature is not None
             and theta.numel() >= LINEARIZE_MIN_NUMEL)
 
@@ -313,7 +322,7 @@ class InnerObjective:
 
             inputs = (theta, *[data[k] for k in keys])
             product = _fold_linear_map(gauss_newton, theta, inputs, owner=type(self.problem),
-                                       signature=signature)
+                                       signature=signature, compile=self.jvp_mode == "compile")
 
         def diag():
             exact = self.problem.gauss_newton_diagonal(self.layout.unflatten(theta), data)
@@ -428,10 +437,34 @@ def _simplify(graph) -> None:
 
 class _Traced:
     """A linear map ``v ↦ f(inputs…, v)`` traced once: ``constants(*inputs)`` computes
-    every value that does not depend on ``v``; ``product(v, *constants)`` the rest."""
+    every value that does not depend on ``v``; ``product(v, *constants)`` the rest.
+    ``compiled`` is ``product`` compiled (``jvp_mode="compile"``) once asked for, kept with
+    the trace (so keyed as it is); ``False`` once compiling it failed or disagreed."""
 
     def __init__(self, constants: torch.fx.GraphModule, product: torch.fx.GraphModule):
         self.constants, self.product = constants, product
+        self.compiled = None
+
+    def compiled_product(self, v: Tensor, constants: tuple[Tensor, ...]):
+        """The compiled product (compiled now on first use, with ``v`` and ``constants`` as
+        the example inputs), or ``None`` where it could not be compiled or was compiled for
+        constants of other strides (the code is specialized to them)."""
+        from .solvers.compiled import compile_graph, input_key, warn_fallback
+
+        key = input_key((v, *constants))
+        if self.compiled is None:
+            compiled = compile_graph(self.product, (v, *constants),
+                                     "a traced product (jvp_mode='compile')")
+            self.compiled = False if compiled is None else (compiled, key)
+        if self.compiled is False:
+            return None
+        compiled, compiled_key = self.compiled
+        if key != compiled_key:
+            warn_fallback("a traced product (jvp_mode='compile')", ValueError(
+                "this linearization point's constants have other strides than those it was "
+                "compiled for"))
+            return None
+        return compiled
 
 
 # problem -> {signature: _Traced or None (untraceable)}, the last few signatures each.
@@ -491,7 +524,7 @@ def _trace_linear_map(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...],
 
 
 def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tensor, ...] = (),
-                     *, owner: object = None, signature: Hashable = None
+                     *, owner: object = None, signature: Hashable = None, compile: bool = False
                      ) -> Callable[[Tensor], Tensor] | None:
     """``v ↦ fn(*inputs, v)`` (linear in ``v``, a tensor shaped as ``like``) as a folded
     graph, or ``None`` where it cannot be traced, mutates tensors, or disagrees with
@@ -504,6 +537,11 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
     a new linearization point then costs one evaluation of the constant part, not a
     trace. The check against ``fn`` runs on every call, so a trace that does not hold at
     new inputs (data-dependent control flow) is caught, dropped, and ``None`` returned.
+
+    With ``compile`` (and a kept trace), the product runs compiled
+    (:meth:`_Traced.compiled_product`, under ``no_grad``: the products feed solvers); the
+    same check runs on the compiled product, and where it fails (or compiling did) the
+    folded eager product is checked and used instead, after a warning.
     """
     if torch._C._functorch.maybe_current_level() is not None:
         return None  # inside an outer torch.func transform: keep the eager products
@@ -537,11 +575,34 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
             return product(v, *constants)
 
         # A second vector: a product the trace did not see would show up as a constant.
-        want, got = fn(*inputs, check), apply(check)
-        ok = isinstance(got, Tensor) and got.shape == want.shape
-        if ok:
-            scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
-            ok = bool(((got - want).abs().max() / scale) <= 1e3 * torch.finfo(want.dtype).eps)
+        want = fn(*inputs, check)
+        if compile and cache is not None:
+            constants = tuple(c.detach() for c in constants)
+            compiled = traced.compiled_product(check, constants)
+            if compiled is not None:
+                # Compiled for the check vector's shape, strides, dtype and device only.
+                like_check = (check.shape, check.stride(), check.dtype, check.device)
+
+                def apply_compiled(v: Tensor) -> Tensor:
+                    if (v.shape, v.stride(), v.dtype, v.device) != like_check:
+                        return apply(v)
+                    with torch.no_grad():
+                        return compiled(v, *constants)
+
+                if _agrees(apply_compiled(check), want):
+                    return apply_compiled
+                from .solvers.compiled import warn_fallback
+
+                traced.compiled = False
+                warn_fallback("a traced product (jvp_mode='compile')", ValueError(
+                    "the compiled product disagrees with the eager product on a check vector"))
+        if compile and cache is None:
+            from .solvers.compiled import warn_fallback
+
+            warn_fallback("a traced product (jvp_mode='compile')", ValueError(
+                "its trace serves one linearization point only (data or problem state holds "
+                "values other than tensors and plain constants), so it is not compiled"))
+        ok = _agrees(apply(check), want)
     except Exception:  # noqa: BLE001 - any tracing failure means "keep the eager products"
         ok = False
     if not ok:
@@ -549,6 +610,14 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
             cache[signature] = None
         return None
     return apply
+
+
+def _agrees(got, want: Tensor) -> bool:
+    """``got`` equals ``want`` to ``1e3 ε`` relative to ``max|want|``."""
+    if not (isinstance(got, Tensor) and got.shape == want.shape):
+        return False
+    scale = want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)
+    return bool(((got - want).abs().max() / scale) <= 1e3 * torch.finfo(want.dtype).eps)
 
 
 def _plain(value) -> bool:

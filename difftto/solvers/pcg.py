@@ -42,7 +42,7 @@ from .result import (
 
 __all__ = ["PCG", "default_max_iter"]
 
-BACKENDS = ("auto", "torch", "cupy")
+BACKENDS = ("auto", "torch", "cupy", "compiled")
 
 
 def default_max_iter(n: int) -> int:
@@ -96,6 +96,10 @@ def _vector_ops(backend: str, b: Tensor):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return _TorchVectorOps
+    if backend == "compiled":
+        from . import compiled
+
+        return compiled.vector_ops(b)
     if backend == "cupy" or (backend == "auto" and b.is_cuda):
         from . import cupy_kernels
 
@@ -125,7 +129,11 @@ class PCG:
         on_failure: ``"raise"``, ``"warn"``, ``"zero"`` or ``"best"`` (see
             :func:`~difftto.solvers.result.apply_failure_policy`).
         backend: ``"auto"`` (fused CuPy kernels on CUDA tensors when cupy imports,
-            else torch), ``"torch"``, or ``"cupy"``.
+            else torch), ``"torch"``, ``"cupy"``, or ``"compiled"`` (opt-in: the torch
+            updates and the per-iteration bookkeeping compiled by inductor into a few
+            fused loops, see :mod:`difftto.solvers.compiled`; about a second of
+            compilation per function and new shape; eager torch where compiling fails,
+            after a warning).
 
     Example::
 
@@ -257,40 +265,21 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
 
     # One host look before the loop: nothing to do (b = 0, an exact x0) costs no products.
     k = 0 if bool(active.any()) else max_iter
+    advance = getattr(ops, "advance", None) or (lambda *a: _advance(ops, *a))
+    redirect = getattr(ops, "redirect", None) or (lambda *a: _redirect(ops, *a))
     while k < max_iter:
         q = apply(p)
-        pq = ops.dot(p, q)
-        # An element stops on a non-finite p·Ap (NON_FINITE_INPUT) or p·Ap <= 0 (BREAKDOWN).
-        # Few small ops on purpose: at n ~ 1e4 these [B] updates cost as much as the vectors'.
-        finite = torch.isfinite(pq)
-        stop = active & ~(finite & (pq > 0))
-        status = torch.where(stop, torch.where(finite, int(Status.BREAKDOWN),
-                                               int(Status.NON_FINITE_INPUT)), status)
-        active = active & ~stop
-        # rz / pq is only selected where pq > 0 and finite.
-        alpha = torch.where(active, rz / pq, 0.0)
-        ops.update_solution(x, r, p, q, alpha, active)
-        iterations += active
+        status, active, iterations = advance(x, r, p, q, rz, status, active, iterations)
         k += 1
         if k % recompute_every == 0:
             # Residual replacement: the recursive r drifts from b − A x in finite precision.
             r = torch.where(active[:, None], b - apply(x), r)
         z, rz_new, rr_new = precondition(r)
-        # The operator can turn non-finite in a replaced residual only; q was checked.
-        finite = torch.isfinite(rr_new) & torch.isfinite(rz_new)
-        status = torch.where(active & ~finite, int(Status.NON_FINITE_INPUT), status)
-        active = active & finite
-        rr = torch.where(active, rr_new, rr)
-        # beta = 0 for inactive elements leaves p = z there: a clean restart direction
-        # (rz_new / rz is only selected where rz != 0).
-        beta = torch.where(active & (rz != 0), rz_new / rz, 0.0)
-        ops.update_direction(p, z, beta)
-        rz = torch.where(active, rz_new, rz)
+        status, active, rz, rr = redirect(p, z, rz, rz_new, rr, rr_new, status, active, tol2)
         if track_best:
             improved = rr < best_rr
             best_x = torch.where(improved[:, None], x, best_x)
             best_rr = torch.where(improved, rr, best_rr)
-        active = active & (rr > tol2)
         if k % check_every == 0 or k == max_iter:
             if not bool(active.any()):
                 # Believe "converged" only from the true residual; restart the others.
@@ -326,6 +315,43 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
             best_norm = torch.linalg.vector_norm(b - apply(best_x), dim=1)
             best_rel = torch.where(finite_b, _relative(best_norm, b_norm), rel)
     return LinearSolveResult(x, status, iterations, rel), best_x, best_rel
+
+
+# The per-iteration work of the loop besides the product and the preconditioner, in two
+# functions of tensors only, so that a backend may run them compiled (``ops.advance`` /
+# ``ops.redirect``, see ``compiled.py``); otherwise they run eagerly with ``ops``'s updates.
+def _advance(ops, x, r, p, q, rz, status, active, iterations):
+    """Given ``q = A p``: ``α = ⟨r, z⟩ / ⟨p, q⟩``, ``x += α p``, ``r −= α q`` in place for
+    active elements; returns the updated ``(status, active, iterations)``."""
+    pq = ops.dot(p, q)
+    # An element stops on a non-finite p·Ap (NON_FINITE_INPUT) or p·Ap <= 0 (BREAKDOWN).
+    # Few small ops on purpose: at n ~ 1e4 these [B] updates cost as much as the vectors'.
+    finite = torch.isfinite(pq)
+    stop = active & ~(finite & (pq > 0))
+    status = torch.where(stop, torch.where(finite, int(Status.BREAKDOWN),
+                                           int(Status.NON_FINITE_INPUT)), status)
+    active = active & ~stop
+    # rz / pq is only selected where pq > 0 and finite.
+    alpha = torch.where(active, rz / pq, 0.0)
+    ops.update_solution(x, r, p, q, alpha, active)
+    return status, active, iterations + active
+
+
+def _redirect(ops, p, z, rz, rz_new, rr, rr_new, status, active, tol2):
+    """Given ``z = M⁻¹ r``, ``⟨r, z⟩`` and ``⟨r, r⟩`` of the updated residual:
+    ``p = z + β p`` in place; returns the updated ``(status, active, rz, rr)`` (an element
+    whose ``⟨r, r⟩`` fell to ``tol²`` is no longer active)."""
+    # The operator can turn non-finite in a replaced residual only; q was checked.
+    finite = torch.isfinite(rr_new) & torch.isfinite(rz_new)
+    status = torch.where(active & ~finite, int(Status.NON_FINITE_INPUT), status)
+    active = active & finite
+    rr = torch.where(active, rr_new, rr)
+    # beta = 0 for inactive elements leaves p = z there: a clean restart direction
+    # (rz_new / rz is only selected where rz != 0).
+    beta = torch.where(active & (rz != 0), rz_new / rz, 0.0)
+    ops.update_direction(p, z, beta)
+    rz = torch.where(active, rz_new, rz)
+    return status, active & (rr > tol2), rz, rr
 
 
 def _relative(norm: Tensor, b_norm: Tensor) -> Tensor:

@@ -1,0 +1,172 @@
+"""``PCG(backend="compiled")`` against the torch backend: the same algorithm, its vector
+work compiled (``difftto/solvers/compiled.py``).
+
+Compiling costs about a second per function and input shape, so every test here uses
+one of two systems' shapes (``SHAPES``): the compiled code of the first test is reused by
+the others. The random systems, conditioning, right-hand sides, start vectors and failure
+modes vary; the shapes do not. The torch backend is the oracle: same statuses, and
+solutions that agree within the forward-error bound (the two backends round in another
+order, e.g. fused multiply-adds, so their iterates are not bitwise equal).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difftto.solvers import PCG, LinearSolveWarning, Status, compiled
+from tests.solvers.test_pcg import (
+    MAX_COND,
+    RTOL,
+    PoisonedOperator,
+    check_against_dense,
+    dense_operator,
+    n_eff,
+    random_spd,
+)
+
+# (batch, n, dtype): the only shapes compiled for in this file.
+SHAPES = ((3, 20, torch.float64), (2, 12, torch.float32))
+
+
+def system(shape, log_cond: float, seed: int):
+    batch, n, dtype = shape
+    a = random_spd(batch, n, MAX_COND[dtype] ** log_cond, seed)
+    b = torch.randn(batch, n, generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=torch.float64)
+    return a.to(dtype), b.to(dtype)
+
+
+def solve_both(a, b, **kwargs):
+    """``(torch, compiled)`` results of the same solve (``solve`` keyword arguments among
+    ``kwargs``: ``x0``, ``preconditioner``, ``operator``)."""
+    solve_args = {k: kwargs.pop(k) for k in ("x0", "preconditioner") if k in kwargs}
+    make_operator = kwargs.pop("operator", lambda: dense_operator(a))
+    out = []
+    for backend in ("torch", "compiled"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LinearSolveWarning)
+            out.append(PCG(backend=backend, **kwargs).solve(make_operator(), b, **solve_args))
+    return out
+
+
+def assert_agree(a, eager, fused, rtol, rows=None):
+    """Same statuses; solutions (of ``rows``, default all) within the sum of both
+    forward-error bounds of each other."""
+    assert fused.status.tolist() == eager.status.tolist(), (eager.describe(), fused.describe())
+    rows = list(range(a.shape[0])) if rows is None else rows
+    eig = torch.linalg.eigvalsh(a[rows].double())
+    cond = eig[:, -1] / eig[:, 0]
+    rounding = 4 * n_eff(a) * torch.finfo(a.dtype).eps * cond
+    x_eager, x_fused = eager.solution[rows].double(), fused.solution[rows].double()
+    tol = 2.05 * cond * (rtol + rounding) * (x_eager.norm(dim=1) + 1e-30)
+    diff = (x_eager - x_fused).norm(dim=1)
+    assert (diff <= tol).all(), (diff, tol)
+
+
+@settings(max_examples=10)  # each example two solves; the compiled code is shared
+@given(shape=st.sampled_from(SHAPES), log_cond=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**31 - 1), preconditioner=st.sampled_from(["jacobi", "identity"]),
+       with_x0=st.booleans())
+def test_compiled_solution_equals_torch_backend(shape, log_cond, seed, preconditioner, with_x0):
+    a, b = system(shape, log_cond, seed)
+    rtol = RTOL[a.dtype]
+    x0 = (0.1 * torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + 2),
+                            dtype=torch.float64).to(a.dtype) if with_x0 else None)
+    eager, fused = solve_both(a, b, rtol=rtol, max_iter=20 * shape[1] + 50, on_failure="raise",
+                              preconditioner=preconditioner, x0=x0)
+    check_against_dense(a, b, fused, rtol)
+    assert fused.solution.dtype == a.dtype
+    assert_agree(a, eager, fused, rtol)
+
+
+def test_well_conditioned_iterations_equal_torch_backend():
+    """κ = 10, float64: no threshold is crossed within rounding, so the iteration counts
+    are those of the torch backend exactly."""
+    a = random_spd(3, 20, 10.0, seed=3)
+    b = torch.randn(3, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    eager, fused = solve_both(a, b, rtol=1e-10, on_failure="raise")
+    assert fused.iterations.tolist() == eager.iterations.tolist()
+    torch.testing.assert_close(fused.solution, eager.solution, rtol=1e-9, atol=0)
+
+
+def test_max_iter_and_best_iterate_as_torch_backend():
+    a = random_spd(3, 20, 1e5, seed=0)
+    b = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b[1] = 0.0  # converges without iterating
+    eager, fused = solve_both(a, b, rtol=1e-10, max_iter=3, on_failure="best",
+                              preconditioner="identity")
+    assert fused.status.tolist() == [Status.MAX_ITER_REACHED, Status.CONVERGED,
+                                     Status.MAX_ITER_REACHED]
+    assert fused.status.tolist() == eager.status.tolist()
+    assert fused.iterations.tolist() == eager.iterations.tolist() == [3, 0, 3]
+    torch.testing.assert_close(fused.solution, eager.solution, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fused.relative_residual, eager.relative_residual,
+                               rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_rhs_as_torch_backend(shape, bad):
+    a, b = system(shape, 0.5, seed=1)
+    b[1, 4] = bad
+    eager, fused = solve_both(a, b, rtol=RTOL[a.dtype], on_failure="warn")
+    assert fused.status[1] == Status.NON_FINITE_INPUT
+    assert fused.status.tolist() == eager.status.tolist()
+    assert torch.isnan(fused.solution[1]).all() and torch.isnan(fused.relative_residual[1])
+    assert torch.isfinite(fused.solution[[0]]).all()
+
+
+# Product numbers at which the operator turns non-finite: the start vector (with x0),
+# the loop's p·Ap, a residual replacement (recompute_every=4: product 5 is b − A x), the
+# final residual.
+@pytest.mark.parametrize("start", [0, 3, 5, 10**9 - 1])
+@pytest.mark.parametrize("value", [float("nan"), -float("inf")])
+def test_non_finite_operator_output_as_torch_backend(start, value):
+    a = random_spd(3, 20, 1e2, seed=7)
+    b = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    if start == 10**9 - 1:  # the last product of the clean solve: the final residual
+        clean = PoisonedOperator(a, 10**9, 0, value)
+        PCG(rtol=1e-10, max_iter=200, recompute_every=4).solve(clean, b, x0=torch.zeros_like(b))
+        start = clean.calls - 1
+    eager, fused = solve_both(a, b, rtol=1e-10, max_iter=200, recompute_every=4,
+                              on_failure="warn", x0=torch.zeros_like(b),
+                              operator=lambda: PoisonedOperator(a, start, 1, value))
+    assert fused.status.tolist() == [Status.CONVERGED, Status.NON_FINITE_INPUT, Status.CONVERGED]
+    assert torch.isfinite(fused.solution[[0, 2]]).all()
+    assert_agree(a, eager, fused, 1e-10, rows=[0, 2])
+
+
+def test_breakdown_as_torch_backend():
+    """Negative definite elements stop at once with BREAKDOWN, the others converge."""
+    a = random_spd(3, 20, 10.0, seed=5)
+    a[1] = -a[1]
+    b = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    eager, fused = solve_both(a, b, rtol=1e-10, on_failure="warn",
+                              operator=lambda: dense_operator(a, positive_definite=False))
+    assert fused.status.tolist() == [Status.CONVERGED, Status.BREAKDOWN, Status.CONVERGED]
+    assert fused.status.tolist() == eager.status.tolist()
+    assert fused.iterations[1] == 0
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
+    """Where inductor fails, the torch updates run, after one warning naming the reason."""
+    import torch._inductor
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch._inductor, "compile", broken)
+    monkeypatch.setattr(compiled, "_OPS", compiled.CompiledVectorOps())
+    monkeypatch.setattr(compiled, "_WARNED", set())
+    a, b = system(SHAPES[0], 0.5, seed=9)
+    with pytest.warns(compiled.CompileFallbackWarning, match="no compiler here") as caught:
+        eager, fused = solve_both(a, b, rtol=1e-10, on_failure="raise")
+    # One warning per compiled function (advance, redirect, precondition, dot), not per call.
+    assert len({str(w.message) for w in caught}) == len(caught) <= 4
+    assert fused.iterations.tolist() == eager.iterations.tolist()
+    torch.testing.assert_close(fused.solution, eager.solution, rtol=0, atol=0)
