@@ -92,11 +92,14 @@ class PoseFreeOutput:
             ``pose [B, V, 6]`` (twists of the world-to-camera poses; ``pose[:, 0] = 0``).
         lam: Λ by group: ``[B, N]`` per Gaussian group, ``pose [B, V]``.
         depth: z-depth ``[B, V, H, W]`` in each view's camera.
+        pose_rotation_weight: the model's weight of the rotation entries in
+            :func:`pose_loss` (``pose_supervision_rotation``).
     """
 
     theta: dict[str, Tensor]
     lam: dict[str, Tensor]
     depth: Tensor
+    pose_rotation_weight: float = 1.0
 
     @property
     def viewmats(self) -> Tensor:
@@ -145,6 +148,8 @@ class PoseFreeModel(nn.Module):
             :func:`build_layer`; kept here because it belongs to this model's θ).
         pose_supervision: weight of an optional training term on the predicted context
             poses (:func:`pose_loss`, read by ``train.py``; 0: photometric losses only).
+        pose_supervision_rotation: that term's weight on the rotation entries of the
+            twist error, relative to the translation entries.
         pose_estimator: ``"head"``: the pose head's twist; ``"procrustes"``: a cross-view
             point-map head predicts, for each pixel of view ``v``, its 3D point in the
             first view's frame and a weight, and the weighted Procrustes
@@ -172,6 +177,7 @@ class PoseFreeModel(nn.Module):
         pose_rotation: float = 0.3,
         tto_pose_lr: float = 3e-3,
         pose_supervision: float = 0.0,
+        pose_supervision_rotation: float = 1.0,
         pose_estimator: str = "head",
         pose_lam: str = "camera",
         lam_pose_rotation: float | None = None,
@@ -194,6 +200,7 @@ class PoseFreeModel(nn.Module):
         self.lam_min = float(lam_min)
         self.tto_pose_lr = float(tto_pose_lr)
         self.pose_supervision = float(pose_supervision)
+        self.pose_supervision_rotation = float(pose_supervision_rotation)
         self.register_buffer("lam_init", torch.tensor(values), persistent=False)
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
                              persistent=False)
@@ -299,7 +306,7 @@ class PoseFreeModel(nn.Module):
                  "opacities": flat(out[..., sl["opacity"]][..., 0]), "colors": flat(colors), "pose": pose}
         lam = {g: flat(lam_raw[..., i]) for i, g in enumerate(GAUSSIAN_GROUPS)}
         lam["pose"] = lam_pose
-        return PoseFreeOutput(theta, lam, depth)
+        return PoseFreeOutput(theta, lam, depth, self.pose_supervision_rotation)
 
 
 # ----------------------------------------------------------------------- pipeline
@@ -364,10 +371,13 @@ def first_view_frame(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pose_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], rotation_weight: float = 1.0) -> Tensor:
+def pose_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], rotation_weight: float | None = None) -> Tensor:
     """Mean squared twist error of the predicted context poses ``1..V-1`` against the
     batch's (first-view-frame) ones: ``‖log(T_pred · T_true⁻¹)‖²``, a scalar, its
-    rotation entries weighted by ``rotation_weight``."""
+    rotation entries weighted by ``rotation_weight`` (default: the prediction's
+    ``pose_rotation_weight``, the model's ``pose_supervision_rotation``)."""
+    if rotation_weight is None:
+        rotation_weight = pred.pose_rotation_weight
     true_w2c = _invert(batch["context_extrinsics"][:, 1:])
     rel = se3_exp(pred.theta["pose"][:, 1:]) @ _invert(true_w2c)
     err = se3_log(rel).pow(2)

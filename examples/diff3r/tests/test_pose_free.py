@@ -257,3 +257,10 @@ def test_pose_loss_weights_the_rotation_entries(batch):
     # T_pred · T_true⁻¹ = exp(δ): the loss is ‖ω_δ‖² = 0.0014 (one scene, one non-frame view).
     assert float(pose_free.pose_loss(out, batch)) == pytest.approx(0.0014, rel=1e-3)
     assert float(pose_free.pose_loss(out, batch, rotation_weight=10.0)) == pytest.approx(0.014, rel=1e-3)
+    weighted = pose_free.PoseFreeModel(**TINY_POSE_FREE, pose_supervision_rotation=10.0)  # the model's default
+    with torch.no_grad():
+        pred10 = weighted(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
+                          batch["context_far"])
+    out10 = pose_free.PoseFreeOutput({**pred10.theta, "pose": off}, pred10.lam, pred10.depth,
+                                     pred10.pose_rotation_weight)
+    assert float(pose_free.pose_loss(out10, batch)) == pytest.approx(0.014, rel=1e-3)
