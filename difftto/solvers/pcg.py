@@ -267,15 +267,23 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
     k = 0 if bool(active.any()) else max_iter
     advance = getattr(ops, "advance", None) or (lambda *a: _advance(ops, *a))
     redirect = getattr(ops, "redirect", None) or (lambda *a: _redirect(ops, *a))
+    # A backend with a fused ``step`` (``_step``: advance, precondition and redirect in one
+    # call) runs it on every iteration that replaces no residual, under Jacobi or identity.
+    general = inverse_diagonal is None and not isinstance(precond, IdentityPreconditioner)
+    step = None if general else getattr(ops, "step", None)
     while k < max_iter:
         q = apply(p)
-        status, active, iterations = advance(x, r, p, q, rz, status, active, iterations)
         k += 1
-        if k % recompute_every == 0:
-            # Residual replacement: the recursive r drifts from b − A x in finite precision.
-            r = torch.where(active[:, None], b - apply(x), r)
-        z, rz_new, rr_new = precondition(r)
-        status, active, rz, rr = redirect(p, z, rz, rz_new, rr, rr_new, status, active, tol2)
+        if step is not None and k % recompute_every != 0:
+            status, active, iterations, rz, rr = step(x, r, p, q, rz, rr, status, active,
+                                                      iterations, inverse_diagonal, tol2)
+        else:
+            status, active, iterations = advance(x, r, p, q, rz, status, active, iterations)
+            if k % recompute_every == 0:
+                # Residual replacement: the recursive r drifts from b − A x in finite precision.
+                r = torch.where(active[:, None], b - apply(x), r)
+            z, rz_new, rr_new = precondition(r)
+            status, active, rz, rr = redirect(p, z, rz, rz_new, rr, rr_new, status, active, tol2)
         if track_best:
             improved = rr < best_rr
             best_x = torch.where(improved[:, None], x, best_x)
@@ -352,6 +360,17 @@ def _redirect(ops, p, z, rz, rz_new, rr, rr_new, status, active, tol2):
     ops.update_direction(p, z, beta)
     rz = torch.where(active, rz_new, rz)
     return status, active & (rr > tol2), rz, rr
+
+
+def _step(ops, x, r, p, q, rz, rr, status, active, iterations, inverse_diagonal, tol2):
+    """A whole iteration after ``q = A p`` where no residual is replaced and ``M`` is
+    Jacobi (``inverse_diagonal``) or the identity (``None``): :func:`_advance`,
+    ``ops.precondition`` and :func:`_redirect` in one function, which a compiled backend
+    fuses; returns ``(status, active, iterations, rz, rr)``."""
+    status, active, iterations = _advance(ops, x, r, p, q, rz, status, active, iterations)
+    z, rz_new, rr_new = ops.precondition(r, inverse_diagonal)
+    status, active, rz, rr = _redirect(ops, p, z, rz, rz_new, rr, rr_new, status, active, tol2)
+    return status, active, iterations, rz, rr
 
 
 def _relative(norm: Tensor, b_norm: Tensor) -> Tensor:
