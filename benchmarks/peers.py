@@ -41,7 +41,11 @@ Gauss-Newton for Theseus (its implicit mode linearizes with ``JᵀJ``); on ``rid
 coincide. ``difftto_diag`` is Gauss-Newton + Jacobi where the problem also states its exact
 ``diag(JᵀJ)`` (``Problem.gauss_newton_diagonal``, a formula for these residuals) instead of
 the 8-probe estimate: extra problem knowledge the peers' CG does not use (none of them
-preconditions), so it is a row of its own, never the one compared with a peer. Every
+preconditions), so it is a row of its own, never the one compared with a peer. A
+``_compiled`` suffix (``difftto_exact_identity_compiled``, ``difftto_diag_compiled``) is the
+same row with the opt-in compiled path: ``jvp_mode="compile"`` (the traced product compiled
+by inductor) and ``PCG(backend="compiled")`` (PCG's vector work compiled); its compilation
+happens in the untimed warm-up call, whose time is reported separately. Every
 method gets one untimed warm-up call at the measured n (JAXopt's includes its compile).
 A case past ``--case-timeout`` seconds, or one whose dense matrices would pass
 ``--dense-max-mb``, is recorded as skipped with the reason.
@@ -67,7 +71,8 @@ sys.path.insert(0, str(HERE))
 from pcg import MALLOC_ENV, _reset_peak, _status_kib  # noqa: E402
 
 METHODS = ("difftto", "difftto_exact", "difftto_identity", "difftto_exact_identity",
-           "difftto_diag", "torchopt_cg", "torchopt_normal_cg", "theseus", "jaxopt")
+           "difftto_diag", "difftto_exact_identity_compiled", "difftto_diag_compiled",
+           "torchopt_cg", "torchopt_normal_cg", "theseus", "jaxopt")
 RTOL = 1e-6
 
 
@@ -141,7 +146,11 @@ def _interleaved(case: dict, make_go, problem: str, n: int) -> dict:
     import statistics
 
     methods = case["interleave"]
-    gos = {m: make_go(m) for m in methods}  # each built and warmed up (one untimed call)
+    gos, first = {}, {}
+    for m in methods:  # each built and warmed up (one untimed call: jit / compile included)
+        start = time.perf_counter()
+        gos[m] = make_go(m)
+        first[m] = round(time.perf_counter() - start, 3)
     times: dict[str, list[float]] = {m: [] for m in methods}
     grads = {}
     for k in range(case["rounds"]):
@@ -153,6 +162,7 @@ def _interleaved(case: dict, make_go, problem: str, n: int) -> dict:
     base = methods[0]
     out = {"problem": problem, "n": n, "interleaved": methods, "rounds": case["rounds"],
            "median_s": {m: round(statistics.median(t), 4) for m, t in times.items()},
+           "setup_and_first_call_s": first,
            "median_ratio_to_" + base: {
                m: round(statistics.median(a / b for a, b in zip(times[m], times[base])), 3)
                for m in methods},
@@ -198,15 +208,19 @@ def run_case(case: dict) -> dict:
         if method.startswith("difftto"):
             from implicit_vs_unrolled import _Fixed
 
-            preconditioner = "identity" if method.endswith("identity") else "jacobi"
-            if method == "difftto_diag":
+            variant = method.removesuffix("_compiled")
+            compiled = variant != method  # products and PCG's vector work compiled
+            preconditioner = "identity" if variant.endswith("identity") else "jacobi"
+            if variant == "difftto_diag":
                 name = _register(problem, with_diagonal=True)
 
             def layer_for(point, size):
                 return difftto.ImplicitLayer(
                     name, inner=_Fixed(point), hessian=hessian,
+                    jvp_mode="compile" if compiled else "auto",
                     solver=difftto.solvers.PCG(rtol=RTOL, max_iter=min(2 * size, 10_000),
-                                               preconditioner=preconditioner))
+                                               preconditioner=preconditioner,
+                                               backend="compiled" if compiled else "auto"))
 
             layer = layer_for(star, n)
 
@@ -222,7 +236,8 @@ def run_case(case: dict) -> dict:
 
             # Warm-up at this n, as TorchOpt's and JAXopt's (its compile) get: torch.func's and
             # make_fx's first use cost ~1 s, and the products are traced once per problem and
-            # shape (jvp_mode="auto" from 10^4 unknowns); the timed call reuses the trace.
+            # shape (jvp_mode="auto" from 10^4 unknowns); the timed call reuses the trace
+            # (and, for the _compiled rows, the code compiled for it and for PCG's steps).
             go()
         elif method.startswith("torchopt"):
             import torchopt
@@ -544,6 +559,13 @@ def interleaved(args, sizes: list[int], cache: str) -> None:
             continue
         cells = [f"{r['median_s'][m]:.4f} s ({r['median_ratio_to_' + base][m]:.2f}×)" for m in methods]
         lines.append(f"| {r['problem']} | {r['n']:,} | " + " | ".join(cells) + " |")
+    lines += ["", "Set-up and first (untimed warm-up) call per method, s: JAXopt's jit and the "
+              "`_compiled` rows' compilation happen here.", "",
+              "| problem | n | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    for r in records:
+        if "setup_and_first_call_s" in r:
+            cells = [f"{r['setup_and_first_call_s'][m]:.2f}" for m in methods]
+            lines.append(f"| {r['problem']} | {r['n']:,} | " + " | ".join(cells) + " |")
     lines.append("")
     for r in records:
         if "interleaved" in r:

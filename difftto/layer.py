@@ -108,7 +108,11 @@ class ImplicitLayer(nn.Module):
             ``"warn"`` (default), ``"zero"`` (zero gradient for those elements) or
             ``"best"`` (best iterate).
         truncate: steps unrolled in ``"truncated"`` mode.
-        jvp_mode: how generic problems form ``J·v`` (see :class:`InnerObjective`).
+        jvp_mode: how generic problems form ``J·v`` (see :class:`InnerObjective`);
+            ``"compile"`` (opt-in) compiles the traced products with inductor, best
+            paired with ``solver=PCG(backend="compiled")`` (see
+            :mod:`difftto.solvers.compiled`); the first solve of a shape pays seconds of
+            compilation.
         stationarity_warning: warn when an element's relative stationarity after the
             forward exceeds this (``None``: never).
 
