@@ -264,3 +264,16 @@ def test_pose_loss_weights_the_rotation_entries(batch):
     out10 = pose_free.PoseFreeOutput({**pred10.theta, "pose": off}, pred10.lam, pred10.depth,
                                      pred10.pose_rotation_weight)
     assert float(pose_free.pose_loss(out10, batch)) == pytest.approx(0.014, rel=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")
+def test_lambda_gradient_script_splits_translation_and_rotation(root, tmp_path):
+    from examples.diff3r import pose_free_lambda_gradient
+
+    summary = train(compose_config(_overrides(root, tmp_path / "d3", "diff3r") + ["model.pose_lam=split"]))
+    grads = pose_free_lambda_gradient.main([str(summary["checkpoint"]), "--batches", "1"])
+    assert len(grads) == 1 and all(math.isfinite(g) for g in grads[0])
+    assert grads[0][0] != grads[0][1] and grads[0][1] != 0  # two Λ, the rotation one reached by the implicit gradient
+    camera = train(compose_config(_overrides(root, tmp_path / "cam", "zero_shot") + ["model.pose_lam=camera"]))
+    with pytest.raises(ValueError, match="pose_lam=split"):
+        pose_free_lambda_gradient.pose_lambda_gradients(camera["checkpoint"], 1)
