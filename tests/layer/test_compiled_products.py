@@ -152,3 +152,28 @@ def test_layer_gradient_with_compiled_products_and_pcg_equals_default(hessian):
         grads[name] = (t0.grad, lm.grad)
     for compiled_grad, default_grad in zip(grads["compiled"], grads["default"]):
         torch.testing.assert_close(compiled_grad, default_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_the_check_uses_the_reference_and_falls_back_to_the_traced_function():
+    """The per-solve check evaluates ``reference`` (a cheaper eager order of the same
+    product): a reference that disagrees rejects the trace; one that raises is replaced
+    by the traced function itself."""
+    from difftto.objective import _fold_linear_map
+
+    weights = torch.linspace(0.5, 2.0, N, dtype=torch.float64)[None].expand(BATCH, N).contiguous()
+
+    def product(w, v):
+        return torch.tanh(w) * v
+
+    def raises(w, v):
+        raise RuntimeError("no double-backward rule")
+
+    def wrong(w, v):
+        return 2 * torch.tanh(w) * v
+
+    like = torch.zeros(BATCH, N, dtype=torch.float64)
+    v = torch.randn(BATCH, N, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    assert _fold_linear_map(product, like, (weights,), reference=wrong) is None
+    folded = _fold_linear_map(product, like, (weights,), reference=raises)
+    assert folded is not None
+    torch.testing.assert_close(folded(v), product(weights, v), rtol=0, atol=0)
