@@ -275,14 +275,32 @@ void store_tile(const T* src, int64_t Q, const Grid& g, const Tile<T>& tile, T* 
   }
 }
 
+// The sum of P per-pixel values in a fixed order. Why not `omp simd reduction`: GCC ends
+// those with a sequential scalar sum of the 16 lanes (16 dependent adds), which made the
+// per-pair sums of the backward most of its time. With the compile-time P of a 4×4 tile
+// this is a pairwise tree (halves added as vectors), in the same order on every call, so
+// results stay deterministic; a runtime P sums in order.
+template <typename T, int kP>
+inline T sum_pixels(const T* x, int64_t P) {
+  if constexpr (kP == 16) {
+    T h8[8], h4[4];
+#pragma omp simd
+    for (int i = 0; i < 8; ++i) h8[i] = x[i] + x[i + 8];
+#pragma omp simd
+    for (int i = 0; i < 4; ++i) h4[i] = h8[i] + h8[i + 4];
+    return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+  } else {
+    T s = 0;
+    for (int64_t p = 0; p < P; ++p) s += x[p];
+    return s;
+  }
+}
+
 // False when a pair's cached alpha is 0 at every pixel (inactive, kept by the binning): it
-// contributes exactly nothing to any product.
-template <typename T>
+// contributes exactly nothing to any product. (α ≥ 0, so the sum is 0 only then.)
+template <typename T, int kP>
 inline bool pair_alive(const T* al_m, int64_t P) {
-  T alive = 0;
-#pragma omp simd reduction(+ : alive)
-  for (int64_t p = 0; p < P; ++p) alive += al_m[p];
-  return alive != T(0);
+  return sum_pixels<T, kP>(al_m, P) != T(0);
 }
 
 // dα/dσ' = -α below the clamp at kAlphaMax, 0 on it (torch's clamp passes the gradient at
@@ -391,7 +409,7 @@ template <typename T, int kP, int kD>
 void backward_impl(const T* feats, int64_t F, int64_t channels, const int64_t* tile_ptr, const int64_t* pair_gauss,
                    const T* alpha, const T* trans, const T* grad_out, const Grid& g, T* grad_pair) {
   const int64_t P = kP > 0 ? kP : g.P, D = kD > 0 ? kD : channels, Q = D + 2;
-  for_each_tile<T>(g, tile_ptr, P, 3 + Q, [&](const Tile<T>& tile) {
+  for_each_tile<T>(g, tile_ptr, P, 3 + Q + 6 + Q - 1, [&](const Tile<T>& tile) {
     const int64_t m0 = tile.m0, m1 = tile.m1;
     T *px = tile.buf, *py = px + P, *rest = py + P, *gv = rest + P, *w = gv + P, *go = w + P;
     load_tile(grad_out, Q, g, tile, go);
@@ -402,7 +420,7 @@ void backward_impl(const T* feats, int64_t F, int64_t channels, const int64_t* t
       const T* al_m = alpha + m * P;
       const T* tr_m = trans + m * P;
       T* gp = grad_pair + m * F;
-      if (!pair_alive(al_m, P)) {
+      if (!pair_alive<T, kP>(al_m, P)) {
         std::fill(gp, gp + F, T(0));
         continue;
       }
@@ -414,8 +432,10 @@ void backward_impl(const T* feats, int64_t F, int64_t channels, const int64_t* t
         for (int64_t q = 0; q < D; ++q) sum += go[q * P + p] * f[6 + q];
         gv[p] = bound_cotangent(sum);
       }
-      T gmx = 0, gmy = 0, ga_ = 0, gb = 0, gc = 0, glo = 0;
-#pragma omp simd reduction(+ : gmx, gmy, ga_, gb, gc, glo)
+      // Per pixel, the terms of the pair's 6 geometry and D + 1 colour/depth gradients, each
+      // summed over the pixels by sum_pixels.
+      T* terms = go + Q * P;  // [6 + Q - 1, P]
+#pragma omp simd
       for (int64_t p = 0; p < P; ++p) {
         const T al = al_m[p], tr = tr_m[p];
         const T wp = al * tr;
@@ -425,26 +445,20 @@ void backward_impl(const T* feats, int64_t F, int64_t channels, const int64_t* t
         const T dfac = alpha_slope(al);
         const T ds = -dfac * d_alpha;  // dL/dσ', σ' = σ - log o
         const T dx = px[p] - mx, dy = py[p] - my;
-        gmx -= ds * (a * dx + b * dy);
-        gmy -= ds * (c * dy + b * dx);
-        ga_ += ds * T(0.5) * dx * dx;
-        gb += ds * dx * dy;
-        gc += ds * T(0.5) * dy * dy;
-        glo -= ds;
+        terms[0 * P + p] = -ds * (a * dx + b * dy);
+        terms[1 * P + p] = -ds * (c * dy + b * dx);
+        terms[2 * P + p] = ds * T(0.5) * dx * dx;
+        terms[3 * P + p] = ds * dx * dy;
+        terms[4 * P + p] = ds * T(0.5) * dy * dy;
+        terms[5 * P + p] = -ds;
       }
-      gp[0] = gmx;
-      gp[1] = gmy;
-      gp[2] = ga_;
-      gp[3] = gb;
-      gp[4] = gc;
-      gp[5] = glo;
       for (int64_t q = 0; q <= D; ++q) {  // colours and depth: ∂/∂v = w·g
         const T* gq = go + q * P;
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t p = 0; p < P; ++p) s += w[p] * gq[p];
-        gp[6 + q] = s;
+        T* tq = terms + (6 + q) * P;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) tq[p] = w[p] * gq[p];
       }
+      for (int64_t k = 0; k < 7 + D; ++k) gp[k] = sum_pixels<T, kP>(terms + k * P, P);
     }
   });
 }
@@ -484,7 +498,7 @@ void jvp_impl(const T* feats, const T* dfeats, int64_t F, int64_t D, const int64
       const T dmx = df[0], dmy = df[1], da = df[2], db = df[3], dc = df[4], dlo = df[5];
       const T* al_m = alpha + m * P;
       const T* tr_m = trans + m * P;
-      if (!pair_alive(al_m, P)) continue;
+      if (!pair_alive<T, kP>(al_m, P)) continue;
 #pragma omp simd
       for (int64_t p = 0; p < P; ++p) {
         const T al = al_m[p], tr = tr_m[p];
