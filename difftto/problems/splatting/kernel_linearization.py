@@ -90,6 +90,8 @@ class KernelLinearization(Linearization):
                 x = torch.cat([theta[k].reshape(B, N, -1) for k in self._keys], dim=-1)
                 feats, self._jac, self._jac_pose = self._twin_jacobian(x, theta.get(POSE_KEY), vm, ks, W, H,
                                                                        **opts)
+        # J·v's kernel reads the Jacobian transposed ([.., p, F]: an axpy over features).
+        self._jac_t = self._jac.transpose(-1, -2).contiguous()
         self._feats = feats.reshape(B * C * N, -1).contiguous()
         self._structure = structure_from_state(state)
         I, _, _, ts = self._structure.grid
@@ -213,7 +215,7 @@ class KernelLinearization(Linearization):
         parts = [tangent[k].reshape(B, N, -1) if k in tangent else torch.zeros(B, N, s, dtype=self._feats.dtype)
                  for k, s in zip(self._keys, self._sizes)]
         v = torch.cat(parts, dim=-1).to(self._feats.dtype).contiguous()
-        dfeats = self._ext.project_tangent(self._jac, v)
+        dfeats = self._ext.project_tangent(self._jac_t, v)
         if self._jac_pose is not None and tangent.get(POSE_KEY) is not None:
             dfeats = dfeats + torch.einsum("bcnfj,bcj->bcnf", self._jac_pose, tangent[POSE_KEY])
         return self._pixel_tangent(dfeats.reshape(B * C * N, -1)).reshape(B, -1)
