@@ -11,10 +11,12 @@ kernels, adapted to a CPU:
   form by the compiled projection (``project_jacobian``: its reverse pass with unit
   cotangents, parallel over Gaussians; SH colours' rows by ``torch.func`` on ``eval_sh``),
   or by ``torch.func`` forward mode on the whole pure-torch projection (its twin);
-- ``J·v``: contract ``v`` to feature tangents, then one front-to-back pass by pixel;
-- ``Jᵀ·w``: one back-to-front pass by pixel writing one gradient row per (tile,
-  Gaussian) pair, a segmented reduction by Gaussian (atomics-free, deterministic), then
-  the transposed contraction;
+- ``J·v``: contract ``v`` to feature tangents, then one front-to-back pass by pixel that
+  writes the residual tangents (``residual_jvp``);
+- ``Jᵀ·w``: one back-to-front pass by pixel that reads the residual cotangents
+  (``residual_backward``) and writes one gradient row per (tile, Gaussian) pair, a
+  segmented reduction by Gaussian (atomics-free, deterministic), then the transposed
+  contraction;
 - ``diag(JᵀJ)`` exactly: per pair, the Gram matrix ``Σ_pixels Σ_ch u uᵀ`` of the
   residual's feature gradients ``u`` (the same cache), reduced by Gaussian and contracted
   with the projection Jacobian: ``Σ_c diag(J_cᵀ G_c J_c)``. For ``pose_deltas`` (shared
@@ -202,11 +204,11 @@ class KernelLinearization(Linearization):
     def _pixel_tangent(self, dfeats: Tensor) -> Tensor:
         """Feature tangents ``[I·N, F]`` → residual tangents ``[B, C, H, W, D]``."""
         B, C, N, H, W, D = self._dims
-        I, _, _, ts = self._structure.grid
-        dout = self._ext.jvp(self._feats, dfeats.contiguous(), self._structure.tile_ptr,
-                             self._structure.pair_gauss, self._alpha, self._trans, I, H, W, ts)
-        dout = dout.view(B, C, H, W, D + 2)
-        return self._rw * dout[..., :D] - self._rb * dout[..., D + 1 :]
+        dr = self._ext.residual_jvp(self._feats, dfeats.contiguous(), self._structure.tile_ptr,
+                                    self._structure.pair_gauss, self._alpha, self._trans,
+                                    self._rw.view(B * C, H, W, D), self._rb.view(B * C, H, W, D),
+                                    self._structure.signature[-1])
+        return dr.view(B, C, H, W, D)
 
     # ------------------------------------------------------------------ products
     def jvp(self, tangent: Any) -> Tensor:
@@ -223,13 +225,12 @@ class KernelLinearization(Linearization):
     def vjp(self, cotangent: Tensor) -> dict[str, Tensor]:
         """``Jᵀ · cotangent`` (``[B, C·H·W·D]``) → ``theta``'s structure."""
         B, C, N, H, W, D = self._dims
-        w = cotangent.reshape(B, C, H, W, D).to(self._feats.dtype)
-        grad_out = torch.cat([self._rw * w, torch.zeros(B, C, H, W, 1, dtype=w.dtype),
-                              -(self._rb * w).sum(dim=-1, keepdim=True)], dim=-1)
+        w = cotangent.reshape(B * C, H, W, D).to(self._feats.dtype).contiguous()
         gauss_ptr, gauss_pairs = self._structure.by_gaussian()
-        gfeats = self._ext.backward(self._feats, self._structure.tile_ptr, self._structure.pair_gauss, gauss_ptr,
-                                    gauss_pairs, self._alpha, self._trans,
-                                    grad_out.reshape(B * C, H, W, D + 2).contiguous(), self._structure.signature[-1])
+        gfeats = self._ext.residual_backward(self._feats, self._structure.tile_ptr, self._structure.pair_gauss,
+                                             gauss_ptr, gauss_pairs, self._alpha, self._trans, w,
+                                             self._rw.view(B * C, H, W, D), self._rb.view(B * C, H, W, D),
+                                             self._structure.signature[-1])
         gfeats = gfeats.view(B, C, N, -1)
         out = self._split(self._ext.project_cotangent(self._jac, gfeats))
         if self._jac_pose is not None:

@@ -275,6 +275,43 @@ void store_tile(const T* src, int64_t Q, const Grid& g, const Tile<T>& tile, T* 
   }
 }
 
+// The residuals of the 3DGS problem are r = rw·colour − rb·alpha + const per pixel and
+// channel (rw = √weight, rb = √weight·background, [I, H, W, D]); the Gauss-Newton products
+// move between them and the per-pixel sums [D + 2] (colours, depth, alpha) here, in the
+// tile, instead of through torch temporaries.
+
+// A tile of residual cotangents w [I, H, W, D] → the sums' cotangent go [D + 2, P]:
+// rw·w per colour, 0 for depth, −Σ_ch rb·w for alpha (zeros outside the image).
+template <typename T>
+void load_residual_cotangent(const T* w, const T* rw, const T* rb, int64_t D, const Grid& g, const Tile<T>& tile,
+                             T* go) {
+  for (int64_t p = 0; p < g.P; ++p) {
+    const int64_t x = tile.ox + p % g.ts, y = tile.oy + p / g.ts;
+    const bool in = x < g.W && y < g.H;
+    const int64_t at = in ? ((tile.i * g.H + y) * g.W + x) * D : 0;
+    T alpha = 0;
+    for (int64_t q = 0; q < D; ++q) {
+      go[q * g.P + p] = in ? rw[at + q] * w[at + q] : T(0);
+      alpha -= in ? rb[at + q] * w[at + q] : T(0);
+    }
+    go[D * g.P + p] = T(0);
+    go[(D + 1) * g.P + p] = alpha;
+  }
+}
+
+// The sums' tangent acc [D + 2, P] → residual tangents rw·dcolour − rb·dalpha [I, H, W, D].
+template <typename T>
+void store_residual_tangent(const T* acc, const T* rw, const T* rb, int64_t D, const Grid& g, const Tile<T>& tile,
+                            T* dr) {
+  for (int64_t p = 0; p < g.P; ++p) {
+    const int64_t x = tile.ox + p % g.ts, y = tile.oy + p / g.ts;
+    if (x >= g.W || y >= g.H) continue;
+    const int64_t at = ((tile.i * g.H + y) * g.W + x) * D;
+    const T dalpha = acc[(D + 1) * g.P + p];
+    for (int64_t q = 0; q < D; ++q) dr[at + q] = rw[at + q] * acc[q * g.P + p] - rb[at + q] * dalpha;
+  }
+}
+
 // The sum of P per-pixel values in a fixed order. Why not `omp simd reduction`: GCC ends
 // those with a sequential scalar sum of the 16 lanes (16 dependent adds), which made the
 // per-pair sums of the backward most of its time. With the compile-time P of a 4×4 tile
@@ -405,14 +442,15 @@ void forward_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr,
 // grad_pair [M, F]: the gradient of one pair summed over its tile's pixels.
 // kD > 0: the number of colour channels known at compile time (3, the common case: the
 // channel loops unroll into the pixel loop).
-template <typename T, int kP, int kD>
+// load(tile, go) fills the tile's cotangent of the per-pixel sums go [D + 2, P].
+template <typename T, int kP, int kD, typename Load>
 void backward_impl(const T* feats, int64_t F, int64_t channels, const int64_t* tile_ptr, const int64_t* pair_gauss,
-                   const T* alpha, const T* trans, const T* grad_out, const Grid& g, T* grad_pair) {
+                   const T* alpha, const T* trans, Load&& load, const Grid& g, T* grad_pair) {
   const int64_t P = kP > 0 ? kP : g.P, D = kD > 0 ? kD : channels, Q = D + 2;
   for_each_tile<T>(g, tile_ptr, P, 3 + Q + 6 + Q - 1, [&](const Tile<T>& tile) {
     const int64_t m0 = tile.m0, m1 = tile.m1;
     T *px = tile.buf, *py = px + P, *rest = py + P, *gv = rest + P, *w = gv + P, *go = w + P;
-    load_tile(grad_out, Q, g, tile, go);
+    load(tile, go);
     // Back to front: `rest` = Σ over the later pairs of w_j·⟨g, v_j⟩ (v = colour, depth, 1).
     for (int64_t m = m1 - 1; m >= m0; --m) {
       const T* f = feats + pair_gauss[m] * F;
@@ -482,9 +520,10 @@ void reduce_by_gaussian(const T* per_pair, int64_t R, const int64_t* gauss_ptr, 
 
 // ------------------------------------------------------------------------ J·v
 
-template <typename T, int kP>
+// store(tile, acc) writes the tile's tangent of the per-pixel sums acc [D + 2, P].
+template <typename T, int kP, typename Store>
 void jvp_impl(const T* feats, const T* dfeats, int64_t F, int64_t D, const int64_t* tile_ptr,
-              const int64_t* pair_gauss, const T* alpha, const T* trans, const Grid& g, T* dout) {
+              const int64_t* pair_gauss, const T* alpha, const T* trans, const Grid& g, Store&& store) {
   const int64_t P = kP > 0 ? kP : g.P, Q = D + 2;
   for_each_tile<T>(g, tile_ptr, P, 3 + Q, [&](const Tile<T>& tile) {
     const int64_t m0 = tile.m0, m1 = tile.m1;
@@ -521,7 +560,7 @@ void jvp_impl(const T* feats, const T* dfeats, int64_t F, int64_t D, const int64
 #pragma omp simd
       for (int64_t p = 0; p < P; ++p) aa[p] += dw[p];
     }
-    store_tile(acc, Q, g, tile, dout);
+    store(tile, acc);
   });
 }
 
@@ -741,11 +780,13 @@ torch::Tensor backward(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tenso
   auto grad_pair = torch::empty({M, F}, feats.options());
   auto grad = torch::empty({num, F}, feats.options());
   AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "rasterize_backward", [&] {
+    const scalar_t* go = grad_out.data_ptr<scalar_t>();
+    auto load = [&](const Tile<scalar_t>& tile, scalar_t* dst) { load_tile(go, D + 2, g, tile, dst); };
     auto run = [&](auto channels) {
       DISPATCH_TILE(g.P, backward_impl<scalar_t, kP, decltype(channels)::value>(
                              feats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(),
                              pair_gauss.data_ptr<int64_t>(), alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(),
-                             grad_out.data_ptr<scalar_t>(), g, grad_pair.data_ptr<scalar_t>()));
+                             load, g, grad_pair.data_ptr<scalar_t>()));
     };
     if (D == 3) {
       run(std::integral_constant<int, 3>{});
@@ -767,11 +808,80 @@ torch::Tensor jvp(torch::Tensor feats, torch::Tensor dfeats, torch::Tensor tile_
   const int64_t F = feats.size(1), D = F - 7;
   auto dout = torch::zeros({I, height, width, D + 2}, feats.options());
   AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "rasterize_jvp", [&] {
-    DISPATCH_TILE(g.P, jvp_impl<scalar_t, kP>(feats.data_ptr<scalar_t>(), dfeats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(),
-                       pair_gauss.data_ptr<int64_t>(), alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(), g,
-                       dout.data_ptr<scalar_t>()));
+    scalar_t* out = dout.data_ptr<scalar_t>();
+    auto store = [&](const Tile<scalar_t>& tile, const scalar_t* acc) { store_tile(acc, D + 2, g, tile, out); };
+    DISPATCH_TILE(g.P, jvp_impl<scalar_t, kP>(feats.data_ptr<scalar_t>(), dfeats.data_ptr<scalar_t>(), F, D,
+                                              tile_ptr.data_ptr<int64_t>(), pair_gauss.data_ptr<int64_t>(),
+                                              alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(), g, store));
   });
   return dout;
+}
+
+// Jᵀ·w of the 3DGS residuals: residual cotangents w [I, H, W, D] → feature gradients
+// [I·N, F] (backward() with grad_out = [rw·w, 0, −Σ rb·w], formed per tile).
+torch::Tensor residual_backward(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tensor pair_gauss,
+                                torch::Tensor gauss_ptr, torch::Tensor gauss_pairs, torch::Tensor alpha,
+                                torch::Tensor trans, torch::Tensor w, torch::Tensor rw, torch::Tensor rb,
+                                int64_t tile_size) {
+  for (auto* t : {&feats, &tile_ptr, &pair_gauss, &gauss_ptr, &gauss_pairs, &alpha, &trans, &w, &rw, &rb})
+    check_cpu_contiguous(*t, "residual_backward input");
+  TORCH_CHECK(w.sizes() == rw.sizes() && w.sizes() == rb.sizes() && w.dim() == 4,
+              "w, rw and rb must all be [I, H, W, D], got ", w.sizes(), ", ", rw.sizes(), ", ", rb.sizes());
+  const int64_t I = w.size(0), H = w.size(1), W = w.size(2), D = w.size(3);
+  const Grid g(I, H, W, tile_size);
+  const int64_t M = pair_gauss.numel(), F = feats.size(1), num = feats.size(0);
+  TORCH_CHECK(F == 7 + D, "feats has ", F, " columns, expected 7 + D = ", 7 + D);
+  auto grad_pair = torch::empty({M, F}, feats.options());
+  auto grad = torch::empty({num, F}, feats.options());
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "residual_backward", [&] {
+    const scalar_t *wp = w.data_ptr<scalar_t>(), *rwp = rw.data_ptr<scalar_t>(), *rbp = rb.data_ptr<scalar_t>();
+    auto load = [&](const Tile<scalar_t>& tile, scalar_t* dst) {
+      load_residual_cotangent(wp, rwp, rbp, D, g, tile, dst);
+    };
+    auto run = [&](auto channels) {
+      DISPATCH_TILE(g.P, backward_impl<scalar_t, kP, decltype(channels)::value>(
+                             feats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(),
+                             pair_gauss.data_ptr<int64_t>(), alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(),
+                             load, g, grad_pair.data_ptr<scalar_t>()));
+    };
+    if (D == 3) {
+      run(std::integral_constant<int, 3>{});
+    } else {
+      run(std::integral_constant<int, 0>{});
+    }
+    reduce_by_gaussian<scalar_t>(grad_pair.data_ptr<scalar_t>(), F, gauss_ptr.data_ptr<int64_t>(),
+                                 gauss_pairs.data_ptr<int64_t>(), num, grad.data_ptr<scalar_t>());
+  });
+  return grad;
+}
+
+// J·v of the 3DGS residuals: feature tangents dfeats [I·N, F] → residual tangents
+// rw·dcolour − rb·dalpha [I, H, W, D] (jvp() followed by that map, per tile).
+torch::Tensor residual_jvp(torch::Tensor feats, torch::Tensor dfeats, torch::Tensor tile_ptr, torch::Tensor pair_gauss,
+                           torch::Tensor alpha, torch::Tensor trans, torch::Tensor rw, torch::Tensor rb,
+                           int64_t tile_size) {
+  for (auto* t : {&feats, &dfeats, &tile_ptr, &pair_gauss, &alpha, &trans, &rw, &rb})
+    check_cpu_contiguous(*t, "residual_jvp input");
+  TORCH_CHECK(dfeats.sizes() == feats.sizes(), "dfeats must have the shape of feats");
+  TORCH_CHECK(rw.sizes() == rb.sizes() && rw.dim() == 4, "rw and rb must be [I, H, W, D], got ", rw.sizes(), ", ",
+              rb.sizes());
+  const int64_t I = rw.size(0), H = rw.size(1), W = rw.size(2), D = rw.size(3);
+  const Grid g(I, H, W, tile_size);
+  const int64_t F = feats.size(1);
+  TORCH_CHECK(F == 7 + D, "feats has ", F, " columns, expected 7 + D = ", 7 + D);
+  // Pixels of tiles without pairs are never stored: zeros.
+  auto dr = torch::zeros({I, H, W, D}, feats.options());
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "residual_jvp", [&] {
+    const scalar_t *rwp = rw.data_ptr<scalar_t>(), *rbp = rb.data_ptr<scalar_t>();
+    scalar_t* out = dr.data_ptr<scalar_t>();
+    auto store = [&](const Tile<scalar_t>& tile, const scalar_t* acc) {
+      store_residual_tangent(acc, rwp, rbp, D, g, tile, out);
+    };
+    DISPATCH_TILE(g.P, jvp_impl<scalar_t, kP>(feats.data_ptr<scalar_t>(), dfeats.data_ptr<scalar_t>(), F, D,
+                                              tile_ptr.data_ptr<int64_t>(), pair_gauss.data_ptr<int64_t>(),
+                                              alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(), g, store));
+  });
+  return dr;
 }
 
 torch::Tensor gram(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tensor pair_gauss, torch::Tensor gauss_ptr,
@@ -994,6 +1104,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "render + per-(pair, pixel) alpha/transmittance cache");
   m.def("backward", &backward, "gradient of the per-pixel sums w.r.t. the features (Jᵀ·w)");
   m.def("jvp", &jvp, "tangent of the per-pixel sums for feature tangents (J·v)");
+  m.def("residual_backward", &residual_backward, "Jᵀ·w of the residuals rw·colour − rb·alpha (w [I,H,W,D])");
+  m.def("residual_jvp", &residual_jvp, "J·v of the residuals rw·colour − rb·alpha -> [I,H,W,D]");
   m.def("gram", &gram, "per-Gaussian Gram matrices of the residual feature gradients");
   m.def("project_tangent", &project_tangent, "jac · v from jac_t [B,C,N,p,F] (transposed), v [B,N,p] -> [B,C,N,F]");
   m.def("project_cotangent", &project_cotangent, "Σ_c jacᵀ · g [B,C,N,F] -> [B,N,p]");
