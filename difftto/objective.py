@@ -12,6 +12,7 @@ values, gradients, residuals and the two curvature operators:
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections import OrderedDict
@@ -20,7 +21,13 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import Tensor
 
-from .operators import DiagonalOperator, GaussNewtonOperator, HessianOperator, LinearOperator
+from .operators import (
+    DiagonalOperator,
+    GaussNewtonOperator,
+    HessianOperator,
+    LinearOperator,
+    SumOperator,
+)
 from .problems.base import Data, Linearization, Problem
 from .regularizers import Proximal
 from .tree import Layout
@@ -126,13 +133,12 @@ class InnerObjective:
     def gauss_newton_operator(self, theta: Tensor, *, with_proximal: bool = True) -> LinearOperator:
         """``JᵀJ (+ diag Λ)`` at ``θ`` (detached). The problem's discrete state is frozen
         at ``θ`` for every product (:meth:`Problem.freeze`)."""
-        jvp, vjp, diag, product, blocks = self._jacobian_products(theta)
-        gn = GaussNewtonOperator(jvp, vjp, self.layout_shape(theta), theta.dtype, theta.device,
-                                 diagonal=diag, product=product, blocks=blocks)
         lam = self._proximal_diagonal(theta) if with_proximal else None
-        if lam is None:
-            return gn
-        return gn + DiagonalOperator(lam, positive_definite=bool((lam > 0).all()))
+        jvp, vjp, diag, product, blocks = self._jacobian_products(theta, diagonal=lam)
+        gn = GaussNewtonOperator(jvp, vjp, self.layout_shape(theta), theta.dtype, theta.device,
+                                 diagonal=diag, product=product, blocks=blocks,
+                                 graph=_term_graph(product, lam))
+        return _plus_proximal(gn, lam, product)
 
     def hessian_operator(self, theta: Tensor, *, with_proximal: bool = True) -> LinearOperator:
         """``∇²D (+ diag Λ)`` at ``θ`` by reverse-over-reverse products on one retained
@@ -144,6 +150,7 @@ class InnerObjective:
         def gradient(x):
             return torch.func.grad(lambda y: self.data_term(y, data).sum())(x)
 
+        lam = self._proximal_diagonal(theta) if with_proximal else None
         hvp = None
         keys, signature = _signature("hessian", self.problem, self.layout, data)
         if self._linearize(theta, signature):
@@ -166,7 +173,7 @@ class InnerObjective:
                 hvp = _fold_linear_map(fn, theta, inputs, owner=type(self.problem),
                                        signature=None if signature is None else (kind, signature),
                                        compile=self.jvp_mode == "compile",
-                                       reference=reverse_over_reverse)
+                                       reference=reverse_over_reverse, diagonal=lam)
                 if hvp is not None:
                     break
         if hvp is None:
@@ -180,11 +187,9 @@ class InnerObjective:
                 return None
             return _probe_diagonal(lambda z: z * hvp(z), theta, self.diagonal_probes, theta.shape).clamp_min(0)
 
-        h = HessianOperator(hvp, self.layout_shape(theta), theta.dtype, theta.device, diagonal=diag)
-        lam = self._proximal_diagonal(theta) if with_proximal else None
-        if lam is None:
-            return h
-        return h + DiagonalOperator(lam, positive_definite=bool((lam > 0).all()))
+        h = HessianOperator(hvp, self.layout_shape(theta), theta.dtype, theta.device, diagonal=diag,
+                            graph=_term_graph(hvp, lam))
+        return _plus_proximal(h, lam, hvp)
 
     def layout_shape(self, theta: Tensor) -> tuple[int, int]:
         return (theta.shape[0], theta.shape[1])
@@ -209,9 +214,11 @@ class InnerObjective:
         """
         return self._jacobian_products(theta)[:3]
 
-    def _jacobian_products(self, theta: Tensor):
+    def _jacobian_products(self, theta: Tensor, diagonal: Tensor | None = None):
         """``(jvp, vjp, diag, product, blocks)``: :meth:`jacobian_products`, the whole
-        ``JᵀJ·v`` as one function where it is formed at once (``None``: ``vjp(jvp(v))``),
+        ``JᵀJ·v`` as one function where it is formed at once (``None``: ``vjp(jvp(v))``;
+        a traced one is a :class:`_Folded`, compiled with ``diagonal`` where given, see
+        :func:`_fold_linear_map`),
         and ``blocks() -> (blocks [B, N, p, p], index [N, p])``, the problem's per-item
         diagonal blocks of ``JᵀJ`` on the flat unknowns ``index``
         (:meth:`Linearization.gauss_newton_blocks`; ``None`` where it gives none)."""
@@ -226,7 +233,7 @@ class InnerObjective:
         lin = self.problem.linearize(structured, data)
         if lin is not None:
             return (*self._wrap_linearization(lin, theta), None, self._linearization_blocks(lin))
-        return (*self._autograd_products(theta, data), None)
+        return (*self._autograd_products(theta, data, diagonal), None)
 
     def _linearization_blocks(self, lin: Linearization):
         """``lin``'s blocks on the flat unknowns (see :meth:`_jacobian_products`), or
@@ -271,7 +278,7 @@ class InnerObjective:
 
         return jvp, vjp, diag
 
-    def _autograd_products(self, theta: Tensor, data: Data):
+    def _autograd_products(self, theta: Tensor, data: Data, diagonal: Tensor | None = None):
         # torch.func rather than torch.autograd: the products then also work inside the
         # layer's backward when the layer itself runs under a torch.func transform.
         def residual_fn(x):
@@ -334,7 +341,7 @@ class InnerObjective:
             inputs = (theta, *[data[k] for k in keys])
             product = _fold_linear_map(gauss_newton, theta, inputs, owner=type(self.problem),
                                        signature=signature, compile=self.jvp_mode == "compile",
-                                       reference=gauss_newton_by_vjps)
+                                       reference=gauss_newton_by_vjps, diagonal=diagonal)
 
         def diag():
             exact = self.problem.gauss_newton_diagonal(self.layout.unflatten(theta), data)
@@ -360,6 +367,22 @@ class InnerObjective:
             cols = [jvp(eye[j].expand_as(theta).contiguous()).pow(2).sum(dim=1) for j in range(n)]
             return torch.stack(cols, dim=1)
         return _probe_diagonal(lambda w: vjp(w).pow(2), theta, self.diagonal_probes, residual_shape)
+
+
+def _term_graph(product, lam: Tensor | None):
+    """The compiled graph of a curvature term's product alone (no proximal term)."""
+    return product.graph if isinstance(product, _Folded) and lam is None else None
+
+
+def _plus_proximal(term: LinearOperator, lam: Tensor | None, product) -> LinearOperator:
+    """``term + diag Λ``: one compiled call for both where ``product`` (the term's traced
+    product) was compiled with ``Λ`` (:class:`_Folded`), else the two products added."""
+    if lam is None:
+        return term
+    proximal = DiagonalOperator(lam, positive_definite=bool((lam > 0).all()))
+    if isinstance(product, _Folded) and product.plus_diagonal is not None:
+        return SumOperator(term, proximal, product=product.plus_diagonal, graph=product.graph)
+    return term + proximal
 
 
 def _probe_diagonal(sample: Callable[[Tensor], Tensor], theta: Tensor, probes: int,
@@ -450,36 +473,90 @@ def _simplify(graph) -> None:
 class _Traced:
     """A linear map ``v ↦ f(inputs…, v)`` traced once: ``constants(*inputs)`` computes
     every value that does not depend on ``v``; ``product(v, *constants)`` the rest.
-    ``compiled`` is ``product`` compiled (``jvp_mode="compile"``) once asked for, kept with
-    the trace (so keyed as it is); ``False`` once compiling it failed or disagreed.
-    ``check`` is the vector every solve checks the product on (seeded, so the same one
-    each time; kept rather than drawn again: a draw costs ~50 ms at 10^6 unknowns)."""
+    :meth:`graph` is ``product`` or ``product`` plus a diagonal term (the proximal
+    ``diag Λ``, an input); ``compiled`` holds each compiled (``jvp_mode="compile"``) once
+    asked for, kept with the trace (so keyed as it is); ``False`` once compiling it failed
+    or disagreed. ``check`` is the vector every solve checks the product on (seeded, so
+    the same one each time; kept rather than drawn again: a draw costs ~50 ms at 10^6
+    unknowns)."""
 
     def __init__(self, constants: torch.fx.GraphModule, product: torch.fx.GraphModule):
         self.constants, self.product = constants, product
-        self.compiled = None
+        self.compiled: dict[bool, tuple | bool] = {}
         self.check: Tensor | None = None
+        self._with_diagonal: torch.fx.GraphModule | None = None
 
-    def compiled_product(self, v: Tensor, constants: tuple[Tensor, ...]):
-        """The compiled product (compiled now on first use, with ``v`` and ``constants`` as
-        the example inputs), or ``None`` where it could not be compiled or was compiled for
-        constants of other strides (the code is specialized to them)."""
+    def graph(self, with_diagonal: bool) -> torch.fx.GraphModule:
+        """``product(v, *constants)``, or with ``with_diagonal``
+        ``(v, d, *constants) ↦ product(v, *constants) + d ⊙ v`` (built once, kept: code
+        compiled for it is keyed by it)."""
+        if not with_diagonal:
+            return self.product
+        if self._with_diagonal is None:
+            self._with_diagonal = _add_diagonal(self.product)
+        return self._with_diagonal
+
+    def compiled_product(self, inputs: tuple[Tensor, ...], with_diagonal: bool):
+        """The compiled :meth:`graph` (compiled now on first use, with ``inputs``, the
+        vector, the diagonal where ``with_diagonal``, then the constants, as the example
+        inputs), or ``None`` where it could not be compiled or was compiled for inputs of
+        other strides (the code is specialized to them)."""
         from .solvers.compiled import compile_graph, input_key, warn_fallback
 
-        key = input_key((v, *constants))
-        if self.compiled is None:
-            compiled = compile_graph(self.product, (v, *constants),
+        key = input_key(inputs)
+        found = self.compiled.get(with_diagonal)
+        if found is None:
+            compiled = compile_graph(self.graph(with_diagonal), inputs,
                                      "a traced product (jvp_mode='compile')")
-            self.compiled = False if compiled is None else (compiled, key)
-        if self.compiled is False:
+            found = self.compiled[with_diagonal] = False if compiled is None else (compiled, key)
+        if found is False:
             return None
-        compiled, compiled_key = self.compiled
+        compiled, compiled_key = found
         if key != compiled_key:
             warn_fallback("a traced product (jvp_mode='compile')", ValueError(
                 "this linearization point's constants have other strides than those it was "
                 "compiled for"))
             return None
         return compiled
+
+
+def _add_diagonal(product: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``(v, d, *constants) ↦ product(v, *constants) + d ⊙ v`` as one graph (a copy)."""
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    placeholders = [n for n in product.graph.nodes if n.op == "placeholder"]
+    env = {placeholders[0]: graph.placeholder("v")}
+    env[placeholders[0]].meta = dict(placeholders[0].meta)
+    d = graph.placeholder("d")
+    d.meta = dict(placeholders[0].meta)
+    for node in placeholders[1:]:
+        env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in product.graph.nodes:
+        if node.op == "output":
+            out = torch.fx.node.map_arg(node.args[0], env.__getitem__)
+            scaled = graph.call_function(aten.mul.Tensor, (d, env[placeholders[0]]))
+            graph.output(graph.call_function(aten.add.Tensor, (out, scaled)))
+        elif node.op != "placeholder":
+            env[node] = graph.node_copy(node, env.__getitem__)
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+class _Folded:
+    """What :func:`_fold_linear_map` returns: ``self(v)`` the product; ``plus_diagonal``
+    ``v ↦ product + diagonal ⊙ v`` in one compiled call, where a diagonal was given and the
+    product is compiled (else ``None``); ``graph`` the graph and constants of
+    ``plus_diagonal`` (or of the product without a diagonal) where compiled, for
+    :meth:`~difftto.operators.LinearOperator.graph`, else ``None``."""
+
+    def __init__(self, product: Callable[[Tensor], Tensor],
+                 plus_diagonal: Callable[[Tensor], Tensor] | None = None,
+                 graph: tuple[torch.fx.GraphModule, tuple[Tensor, ...]] | None = None):
+        self.product, self.plus_diagonal, self.graph = product, plus_diagonal, graph
+        functools.update_wrapper(self, product)  # named as the product it wraps
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.product(v)
 
 
 # problem -> {signature: _Traced or None (untraceable)}, the last few signatures each.
@@ -551,8 +628,8 @@ def _trace_linear_map(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...],
 
 def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tensor, ...] = (),
                      *, owner: object = None, signature: Hashable = None, compile: bool = False,
-                     reference: Callable[..., Tensor] | None = None
-                     ) -> Callable[[Tensor], Tensor] | None:
+                     reference: Callable[..., Tensor] | None = None,
+                     diagonal: Tensor | None = None) -> _Folded | None:
     """``v ↦ fn(*inputs, v)`` (linear in ``v``, a tensor shaped as ``like``) as a folded
     graph, or ``None`` where it cannot be traced, mutates tensors, or disagrees with
     ``fn`` on a check vector (e.g. an extension kernel the trace cannot see would turn
@@ -571,7 +648,11 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
     With ``compile`` (and a kept trace), the product runs compiled
     (:meth:`_Traced.compiled_product`, under ``no_grad``: the products feed solvers); the
     same check runs on the compiled product, and where it fails (or compiling did) the
-    folded eager product is checked and used instead, after a warning.
+    folded eager product is checked and used instead, after a warning. A ``diagonal``
+    ``[B, n]`` (the proximal ``Λ``) is then compiled into the product too: the result's
+    ``plus_diagonal`` is ``v ↦ fn(v) + diagonal ⊙ v`` in one call, checked as well.
+
+    Returns a :class:`_Folded` (callable as the product), or ``None``.
     """
     if torch._C._functorch.maybe_current_level() is not None:
         return None  # inside an outer torch.func transform: keep the eager products
@@ -617,25 +698,9 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
         if want is None:
             want = fn(*inputs, check)
         if compile and cache is not None:
-            constants = tuple(c.detach() for c in constants)
-            compiled = traced.compiled_product(check, constants)
-            if compiled is not None:
-                # Compiled for the check vector's shape, strides, dtype and device only.
-                like_check = (check.shape, check.stride(), check.dtype, check.device)
-
-                def apply_compiled(v: Tensor) -> Tensor:
-                    if (v.shape, v.stride(), v.dtype, v.device) != like_check:
-                        return apply(v)
-                    with torch.no_grad():
-                        return compiled(v, *constants)
-
-                if _agrees(apply_compiled(check), want):
-                    return apply_compiled
-                from .solvers.compiled import warn_fallback
-
-                traced.compiled = False
-                warn_fallback("a traced product (jvp_mode='compile')", ValueError(
-                    "the compiled product disagrees with the eager product on a check vector"))
+            folded = _compiled_fold(traced, apply, constants, check, want, diagonal)
+            if folded is not None:
+                return folded
         if compile and cache is None:
             from .solvers.compiled import warn_fallback
 
@@ -649,7 +714,62 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
         if cache is not None:
             cache[signature] = None
         return None
-    return apply
+    return _Folded(apply)
+
+
+def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
+                   constants: tuple[Tensor, ...], check: Tensor, want: Tensor,
+                   diagonal: Tensor | None) -> _Folded | None:
+    """The compiled product of ``traced`` at these ``constants`` (with ``diagonal``: the
+    compiled ``product + diagonal ⊙ v``, and the product alone as the same code with a
+    zero diagonal), checked on ``check`` against ``want`` (the eager product there);
+    ``None`` (after a warning, the trace marked uncompilable) where it disagrees or could
+    not be compiled."""
+    from .solvers.compiled import warn_fallback
+
+    constants = tuple(c.detach() for c in constants)
+    with_diagonal = diagonal is not None
+    d = diagonal.detach().contiguous() if with_diagonal else None
+    head = (check, d) if with_diagonal else (check,)
+    compiled = traced.compiled_product((*head, *constants), with_diagonal)
+    if compiled is None:
+        return None
+    # Compiled for the check vector's shape, strides, dtype and device only.
+    like_check = (check.shape, check.stride(), check.dtype, check.device)
+
+    if not with_diagonal:
+        def product(v: Tensor) -> Tensor:
+            if (v.shape, v.stride(), v.dtype, v.device) != like_check:
+                return apply(v)
+            with torch.no_grad():
+                return compiled(v, *constants)
+
+        if _agrees(product(check), want):
+            return _Folded(product, None, (traced.graph(False), constants))
+    else:
+        zeros = torch.zeros_like(d)
+
+        def plus_diagonal(v: Tensor) -> Tensor:
+            if (v.shape, v.stride(), v.dtype, v.device) != like_check:
+                return apply(v) + d * v
+            with torch.no_grad():
+                return compiled(v, d, *constants)
+
+        def product(v: Tensor) -> Tensor:
+            # The same code with d = 0: 0 ⊙ v adds exact zeros (NaN where v is not
+            # finite, which a finite product would not give; non-finite either way).
+            if (v.shape, v.stride(), v.dtype, v.device) != like_check:
+                return apply(v)
+            with torch.no_grad():
+                return compiled(v, zeros, *constants)
+
+        # Both: the product part alone (a large diagonal would hide its error in the sum).
+        if _agrees(product(check), want) and _agrees(plus_diagonal(check), want + d * check):
+            return _Folded(product, plus_diagonal, (traced.graph(True), (d, *constants)))
+    traced.compiled[with_diagonal] = False
+    warn_fallback("a traced product (jvp_mode='compile')", ValueError(
+        "the compiled product disagrees with the eager product on a check vector"))
+    return None
 
 
 def _agrees(got, want: Tensor) -> bool:

@@ -9,7 +9,9 @@ Structure is declared, never guessed: ``symmetric``, ``positive_definite`` and
 operator. Sums and scalings derive theirs from their terms' declarations only:
 ``A + B`` is positive definite when one term is positive definite and the other
 positive semi-definite (both symmetric). An operator may know its diagonal exactly (:meth:`LinearOperator.diagonal`),
-which the Jacobi preconditioner uses.
+which the Jacobi preconditioner uses. An operator may also give its product as a graph of
+aten operations (:meth:`LinearOperator.graph`), which a compiled solver backend fuses with
+its own per-iteration work.
 """
 
 from __future__ import annotations
@@ -71,6 +73,15 @@ class LinearOperator:
         """``(blocks [B, N, p, p], index [N, p])``: diagonal blocks of ``A`` on the
         disjoint sets of unknowns ``index`` (e.g. each Gaussian's parameters), where
         known, else ``None`` (the default). Read by the ``"block_jacobi"`` preconditioner."""
+        return None
+
+    def graph(self) -> tuple[torch.fx.GraphModule, tuple[Tensor, ...]] | None:
+        """``(module, constants)`` with ``mv(v) == module(v, *constants)`` for ``v`` of this
+        operator's shape, ``module`` a graph of aten operations (e.g. a traced product)
+        that is kept across operators of the same kind and shape, so that code compiled
+        for it is reused; ``None`` (the default) where the product is no such graph. Read
+        by ``PCG(backend="compiled")``, which compiles ``q = A p`` and its iteration's
+        vector work into one call."""
         return None
 
     def __call__(self, v: Tensor) -> Tensor:
@@ -172,9 +183,15 @@ class SumOperator(LinearOperator):
     """``A + B``. Symmetric if both are. Positive definite if both are symmetric, one
     is declared positive definite and the other positive semi-definite; positive
     semi-definite if both are. An operator with no declared definiteness (e.g. an
-    exact Hessian) makes the sum's definiteness unknown, hence undeclared."""
+    exact Hessian) makes the sum's definiteness unknown, hence undeclared.
 
-    def __init__(self, a: LinearOperator, b: LinearOperator):
+    ``product`` (optional) is ``v ↦ A v + B v`` formed at once (e.g. one compiled call
+    instead of two products and an addition) and ``graph`` its :meth:`graph`; the
+    structure (diagonal, blocks, flags) still comes from the terms."""
+
+    def __init__(self, a: LinearOperator, b: LinearOperator, *,
+                 product: Callable[[Tensor], Tensor] | None = None,
+                 graph: tuple[torch.fx.GraphModule, tuple[Tensor, ...]] | None = None):
         if not isinstance(a, LinearOperator) or not isinstance(b, LinearOperator):
             raise TypeError(
                 f"can only add LinearOperators, got {type(a).__name__} and {type(b).__name__}"
@@ -189,9 +206,15 @@ class SumOperator(LinearOperator):
             (a.positive_definite and psd_b) or (b.positive_definite and psd_a)
         )
         self.semidefinite = self.symmetric and psd_a and psd_b
+        self._product, self._graph = product, graph
 
     def mv(self, v: Tensor) -> Tensor:
+        if self._product is not None:
+            return self._product(v)
         return self.a.mv(v) + self.b.mv(v)
+
+    def graph(self) -> tuple[torch.fx.GraphModule, tuple[Tensor, ...]] | None:
+        return self._graph
 
     def diagonal(self) -> Tensor | None:
         da, db = self.a.diagonal(), self.b.diagonal()
@@ -292,6 +315,7 @@ class GaussNewtonOperator(_LazyDiagonal, LinearOperator):
             linearization point); ``None`` (default): ``vjp(jvp(v))``.
         blocks: a function giving :meth:`block_diagonal` (e.g. a problem's exact
             per-item blocks of ``JᵀJ``), or ``None`` (default: none known).
+        graph: ``product`` as :meth:`graph` gives it, where it is such a graph.
 
     Symmetric and positive semi-definite by construction (``semidefinite = True``),
     so ``GaussNewtonOperator + DiagonalOperator(Λ > 0)`` is positive definite.
@@ -311,11 +335,13 @@ class GaussNewtonOperator(_LazyDiagonal, LinearOperator):
         diagonal: Tensor | Callable[[], Tensor | None] | None = None,
         product: Callable[[Tensor], Tensor] | None = None,
         blocks: Callable[[], tuple[Tensor, Tensor] | None] | None = None,
+        graph: tuple[torch.fx.GraphModule, tuple[Tensor, ...]] | None = None,
     ):
         super().__init__(shape, dtype, device)
         self.jvp, self.vjp = jvp, vjp
         self._product = product
         self._blocks = blocks
+        self._graph = graph
         self._set_diagonal(diagonal)
 
     def mv(self, v: Tensor) -> Tensor:
@@ -326,6 +352,9 @@ class GaussNewtonOperator(_LazyDiagonal, LinearOperator):
     def block_diagonal(self) -> tuple[Tensor, Tensor] | None:
         return None if self._blocks is None else self._blocks()
 
+    def graph(self) -> tuple[torch.fx.GraphModule, tuple[Tensor, ...]] | None:
+        return self._graph
+
 
 class HessianOperator(_LazyDiagonal, LinearOperator):
     """The exact Hessian of a per-element scalar function via Hessian-vector products.
@@ -335,6 +364,7 @@ class HessianOperator(_LazyDiagonal, LinearOperator):
         shape, dtype, device: as for every operator.
         diagonal: an estimate of ``diag(∇²f)`` ``[B, n]``, or a function computing it on
             first use.
+        graph: ``hvp`` as :meth:`graph` gives it, where it is such a graph.
 
     Symmetric; definiteness is not assumed (non-convex data terms are common).
     """
@@ -349,13 +379,18 @@ class HessianOperator(_LazyDiagonal, LinearOperator):
         device: torch.device | str = "cpu",
         *,
         diagonal: Tensor | Callable[[], Tensor | None] | None = None,
+        graph: tuple[torch.fx.GraphModule, tuple[Tensor, ...]] | None = None,
     ):
         super().__init__(shape, dtype, device)
         self._hvp = hvp
+        self._graph = graph
         self._set_diagonal(diagonal)
 
     def mv(self, v: Tensor) -> Tensor:
         return self._hvp(v)
+
+    def graph(self) -> tuple[torch.fx.GraphModule, tuple[Tensor, ...]] | None:
+        return self._graph
 
 
 def materialize(op: LinearOperator) -> Tensor:

@@ -271,13 +271,23 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
     # call) runs it on every iteration that replaces no residual, under Jacobi or identity.
     general = inverse_diagonal is None and not isinstance(precond, IdentityPreconditioner)
     step = None if general else getattr(ops, "step", None)
+    # A backend that can compile the operator's product into that step
+    # (``ops.product_step``, where the operator gives its product as a graph) makes one
+    # call per such iteration for ``q = A p`` and the vector work.
+    product_step = getattr(ops, "product_step", None) if step is not None else None
+    step_with_product = None if product_step is None else product_step(operator)
     while k < max_iter:
-        q = apply(p)
         k += 1
         if step is not None and k % recompute_every != 0:
-            status, active, iterations, rz, rr = step(x, r, p, q, rz, rr, status, active,
-                                                      iterations, inverse_diagonal, tol2)
+            if step_with_product is not None:
+                status, active, iterations, rz, rr = step_with_product(
+                    x, r, p, rz, rr, status, active, iterations, inverse_diagonal, tol2)
+            else:
+                status, active, iterations, rz, rr = step(x, r, p, apply(p), rz, rr, status,
+                                                          active, iterations, inverse_diagonal,
+                                                          tol2)
         else:
+            q = apply(p)
             status, active, iterations = advance(x, r, p, q, rz, status, active, iterations)
             if k % recompute_every == 0:
                 # Residual replacement: the recursive r drifts from b − A x in finite precision.

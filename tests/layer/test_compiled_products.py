@@ -54,8 +54,11 @@ def _operators(problem, kind, data, theta, lam):
 
 
 def _uses_compiled(op, kind) -> bool:
+    """The term's product is the compiled one and the sum ``term + diag Λ`` is one
+    compiled call whose graph the operator gives."""
     product = op.a._product if kind == "gauss_newton" else op.a._hvp
-    return "apply_compiled" in getattr(product, "__qualname__", "")
+    compiled_term = getattr(product, "graph", None) is not None
+    return compiled_term and op._product is not None and op.graph() is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -68,6 +71,10 @@ def test_compiled_product_equals_eager(kind, dtype):
                     dtype=torch.float64).to(dtype)
     tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(ops["compile"].mv(v), ops["forward"].mv(v), **tol)
+    # The term alone (the same compiled code with a zero diagonal) and the sum's diagonal
+    # (Λ plus the term's, exact or estimated with the term's product) as the eager ones.
+    torch.testing.assert_close(ops["compile"].a.mv(v), ops["forward"].a.mv(v), **tol)
+    torch.testing.assert_close(ops["compile"].diagonal(), ops["forward"].diagonal(), **tol)
 
 
 def test_new_linearization_point_reuses_the_compiled_product(monkeypatch):
@@ -127,17 +134,27 @@ def test_compile_failure_keeps_the_folded_product_with_a_warning(monkeypatch):
     assert not _uses_compiled(ops["compile"], "gauss_newton")
     assert ops["compile"].a._product is not None, "the folded eager product is kept"
     traced = [t for t in objective_module._TRACES[_Uncompilable].values() if t is not None]
-    assert traced and traced[0].compiled is False
+    assert traced and traced[0].compiled[True] is False
     v = torch.randn(BATCH, N, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     torch.testing.assert_close(ops["compile"].mv(v), ops["forward"].mv(v), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("hessian", ["gauss_newton", "exact"])
-def test_layer_gradient_with_compiled_products_and_pcg_equals_default(hessian):
-    """The whole compiled path (products and PCG) against the defaults: the same implicit
-    gradient to the solves' tolerance."""
+def test_layer_gradient_with_compiled_products_and_pcg_equals_default(hessian, monkeypatch):
+    """The whole compiled path (products and PCG, the product and ``+ Λv`` compiled into
+    PCG's step) against the defaults: the same implicit gradient to the solves'
+    tolerance."""
     data, theta0, lam = _point(7)
     inner = difftto.GaussNewton(steps=30, damping=1e-6, tol=1e-13)
+    fused = []
+    product_step = compiled.CompiledVectorOps.product_step
+
+    def recording(self, operator):
+        found = product_step(self, operator)
+        fused.append(found is not None)
+        return found
+
+    monkeypatch.setattr(compiled.CompiledVectorOps, "product_step", recording)
     grads = {}
     for name, options in {"default": {},
                           "compiled": {"jvp_mode": "compile",
@@ -150,6 +167,7 @@ def test_layer_gradient_with_compiled_products_and_pcg_equals_default(hessian):
         (out.sin().sum() + out.pow(2).sum()).backward()
         assert info.backward.failures == 0
         grads[name] = (t0.grad, lm.grad)
+    assert fused == [True], "the backward solve did not fuse the product into PCG's step"
     for compiled_grad, default_grad in zip(grads["compiled"], grads["default"]):
         torch.testing.assert_close(compiled_grad, default_grad, rtol=1e-9, atol=1e-12)
 

@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from difftto.operators import FunctionOperator
 from difftto.solvers import PCG, LinearSolveWarning, Status, compiled
 from tests.solvers.test_pcg import (
     MAX_COND,
@@ -171,3 +172,87 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert len({str(w.message) for w in caught}) == len(caught) <= 5
     assert fused.iterations.tolist() == eager.iterations.tolist()
     torch.testing.assert_close(fused.solution, eager.solution, rtol=0, atol=0)
+
+
+# The operator's product compiled into PCG's step (``CompiledVectorOps.product_step``):
+# an operator that gives its product as a graph. One traced graph per shape, kept, so
+# the fused step is compiled once per shape for every test below.
+_GRAPHS: dict = {}
+
+
+def dense_graph(shape):
+    """``(v, a) ↦ a v`` traced once per ``(batch, n, dtype)``."""
+    if shape not in _GRAPHS:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        batch, n, dtype = shape
+        _GRAPHS[shape] = make_fx(lambda v, a: (a @ v[..., None])[..., 0])(
+            torch.zeros(batch, n, dtype=dtype), torch.zeros(batch, n, n, dtype=dtype))
+    return _GRAPHS[shape]
+
+
+class GraphOperator(FunctionOperator):
+    """Dense ``a`` whose product is also given as a graph (:meth:`graph`); counts the
+    products that go through :meth:`mv` (those the fused step does not make)."""
+
+    def __init__(self, a, shape, positive_definite=True):
+        super().__init__(lambda v: (a @ v[..., None])[..., 0], tuple(a.shape[:2]), a.dtype,
+                         diagonal=a.diagonal(dim1=-2, dim2=-1).clone(), symmetric=True,
+                         positive_definite=positive_definite)
+        self.a, self.module, self.calls = a, dense_graph(shape), 0
+
+    def mv(self, v):
+        self.calls += 1
+        return super().mv(v)
+
+    def graph(self):
+        return self.module, (self.a,)
+
+
+def solve_both_with_graph(a, b, shape, **kwargs):
+    """:func:`solve_both` on a :class:`GraphOperator`; also the two operators used."""
+    made = []
+    positive_definite = kwargs.pop("positive_definite", True)
+
+    def operator():
+        made.append(GraphOperator(a, shape, positive_definite))
+        return made[-1]
+
+    return (*solve_both(a, b, operator=operator, **kwargs), *made)
+
+
+@settings(max_examples=6, deadline=None)  # each example two solves; the fused code is shared
+@given(shape=st.sampled_from(SHAPES), log_cond=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**31 - 1), preconditioner=st.sampled_from(["jacobi", "identity"]),
+       recompute_every=st.sampled_from([5, 50]))
+def test_product_compiled_into_the_step_equals_torch_backend(shape, log_cond, seed,
+                                                             preconditioner, recompute_every):
+    a, b = system(shape, log_cond, seed)
+    rtol = RTOL[a.dtype]
+    eager, fused, eager_op, fused_op = solve_both_with_graph(
+        a, b, shape, rtol=rtol, max_iter=20 * shape[1] + 50, on_failure="raise",
+        preconditioner=preconditioner, recompute_every=recompute_every)
+    check_against_dense(a, b, fused, rtol)
+    assert_agree(a, eager, fused, rtol)
+    # The fused step made the products of the iterations that replace no residual: mv
+    # made only the replacements', the convergence checks' and the final residual's.
+    assert eager_op.calls > int(eager.iterations.max())
+    assert fused_op.calls < eager_op.calls - int(fused.iterations.max()) // 2
+
+
+@pytest.mark.parametrize("bad", ["nan", "negative"])
+def test_product_compiled_into_the_step_statuses_as_torch_backend(bad):
+    """A non-finite product (NON_FINITE_INPUT) and a negative definite element
+    (BREAKDOWN) stop that element only, as with the torch backend."""
+    a, b = system(SHAPES[0], 0.5, seed=11)
+    if bad == "nan":
+        a[1, 0, 0] = float("nan")
+    else:
+        a[1] = -a[1]
+    eager, fused, *_ = solve_both_with_graph(a, b, SHAPES[0], rtol=1e-10, on_failure="warn",
+                                             positive_definite=False)
+    expected = Status.NON_FINITE_INPUT if bad == "nan" else Status.BREAKDOWN
+    assert fused.status.tolist() == [Status.CONVERGED, expected, Status.CONVERGED]
+    assert fused.status.tolist() == eager.status.tolist()
+    assert fused.iterations[1] == eager.iterations[1] == 0
+    assert_agree(a, eager, fused, 1e-10, rows=[0, 2])
