@@ -22,7 +22,8 @@ kernels, adapted to a CPU:
   with the projection Jacobian: ``Σ_c diag(J_cᵀ G_c J_c)``. For ``pose_deltas`` (shared
   by all Gaussians of a camera) the diagonal takes 6 extra ``J·v`` passes;
 - the per-Gaussian blocks ``Σ_c J_cᵀ G_c J_c`` of ``JᵀJ`` exactly, from the same Gram
-  matrices (a batched matmul in torch), for the block-Jacobi preconditioner.
+  matrices (``gram_blocks``), for the block-Jacobi preconditioner; once they are formed,
+  ``diag(JᵀJ)`` is read off them.
 
 The residuals are the problem's: ``r = √w · (colour + (1 − alpha)·background − image)``.
 """
@@ -113,6 +114,7 @@ class KernelLinearization(Linearization):
             rb = rw * bg[:, :, None, None, :]
         self._rw, self._rb = rw.contiguous(), rb.contiguous()
         self._gram_cache: Tensor | None = None
+        self._block_diagonal: Tensor | None = None  # diag of the last gauss_newton_blocks
 
     # ------------------------------------------------------------------ helpers
     def _kernel_jacobian(self, theta, vm: Tensor, ks: Tensor, W: int, H: int, **opts):
@@ -254,15 +256,20 @@ class KernelLinearization(Linearization):
         """The exact per-Gaussian blocks of ``JᵀJ``: ``Σ_c J_cᵀ G_c J_c`` ``[B, N, p, p]``
         over every group but ``pose_deltas`` (in ``theta``'s key order), from the same
         per-pair Gram matrices as :meth:`gauss_newton_diagonal`."""
-        gram, jac = self._gram(), self._jac
-        # J_cᵀ (G_c J_c), summed over cameras; F and p are small (≤ 12 and 14 + SH).
-        blocks = torch.einsum("bcnfp,bcnfq->bnpq", jac, torch.matmul(gram, jac))
-        return 0.5 * (blocks + blocks.transpose(-1, -2)), tuple(self._keys)
+        # J_cᵀ (G_c J_c), summed over cameras, in the kernel (gram_blocks); F and p are small
+        # (≤ 12 and 14 + SH).
+        blocks = self._ext.gram_blocks(self._jac, self._gram())
+        # Their diagonal is diag(JᵀJ) of these groups: gauss_newton_diagonal reuses it.
+        self._block_diagonal = blocks.diagonal(dim1=-2, dim2=-1).clone()
+        return blocks, tuple(self._keys)
 
     def gauss_newton_diagonal(self) -> dict[str, Tensor]:
         """The exact ``diag(JᵀJ)`` in ``theta``'s structure."""
         B, C, N, H, W, D = self._dims
-        out = self._split(self._ext.gram_diagonal(self._jac, self._gram()))
+        diagonal = self._block_diagonal
+        if diagonal is None:
+            diagonal = self._ext.gram_diagonal(self._jac, self._gram())
+        out = self._split(diagonal)
         if self._jac_pose is not None:
             cols = []
             for j in range(6):

@@ -1,5 +1,6 @@
 """The compiled contractions with the per-(image, Gaussian) projection Jacobian
-(``project_tangent``, ``project_cotangent``, ``gram_diagonal``) against ``torch.einsum``,
+(``project_tangent``, ``project_cotangent``, ``gram_diagonal``, ``gram_blocks``) against
+``torch.einsum``,
 at the 3DGS sizes the kernels specialize (F = 10, p = 14) and at others (run-time sizes).
 Skipped with the reason when no compiler is available."""
 
@@ -43,6 +44,9 @@ def test_contractions_equal_einsum(B, C, N, sizes, dtype, seed):
     diagonal = ext.gram_diagonal(jac, gram)
     scale = dict(tol, atol=tol["atol"] * float(gram.abs().max() * jac.abs().max() ** 2))
     torch.testing.assert_close(diagonal, torch.einsum("bcnfp,bcnfg,bcngp->bnp", jac, gram, jac), **scale)
+    blocks = ext.gram_blocks(jac, gram)
+    assert torch.equal(blocks, blocks.transpose(-1, -2))
+    torch.testing.assert_close(blocks, torch.einsum("bcnfp,bcnfg,bcngq->bnpq", jac, gram, jac), **scale)
 
 
 def test_contractions_check_their_shapes():
@@ -52,3 +56,5 @@ def test_contractions_check_their_shapes():
         ext.project_tangent(jac.transpose(-1, -2).contiguous(), torch.zeros(1, 5, 10))
     with pytest.raises(RuntimeError, match="g must be"):
         ext.project_cotangent(jac, torch.zeros(1, 2, 5, 14))
+    with pytest.raises(RuntimeError, match="gram must be"):
+        ext.gram_blocks(jac, torch.zeros(1, 2, 5, 14, 14))

@@ -1082,6 +1082,65 @@ torch::Tensor gram_diagonal(torch::Tensor jac, torch::Tensor gram) {
   });
 }
 
+// The per-Gaussian blocks Σ_c Jgᵀ G Jg [B, N, p, p] of JᵀJ (the block-Jacobi
+// preconditioner's) from the per-(image, Gaussian) Gram matrices G [B, C, N, F, F]:
+// G·Jg, then Jgᵀ·(G·Jg), both as axpys over the contiguous p into local accumulators, and
+// symmetrized (½(A + Aᵀ), as torch's contraction was), so the blocks are exactly symmetric.
+template <typename T, int kF, int kPn>
+void gram_blocks_impl(const T* J, const T* G, int64_t B, int64_t C, int64_t N, int64_t F_, int64_t Pn_, T* o) {
+  const int64_t F = kF > 0 ? kF : F_, Pn = kPn > 0 ? kPn : Pn_;
+  for_each_gaussian(B, C, N, 64, [&](int64_t b, int64_t n, int64_t e0) {
+    // Local storage: fixed arrays at the compile-time sizes, else thread-local vectors.
+    thread_local std::vector<T> gj_buf, acc_buf;
+    T gj_fixed[kF > 0 ? kF * kPn : 1], acc_fixed[kF > 0 ? kPn * kPn : 1];
+    T* gj = gj_fixed;
+    T* acc = acc_fixed;
+    if constexpr (kF == 0) {
+      gj_buf.resize(F * Pn);
+      acc_buf.resize(Pn * Pn);
+      gj = gj_buf.data();
+      acc = acc_buf.data();
+    }
+    for (int64_t i = 0; i < Pn * Pn; ++i) acc[i] = T(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t e = e0 + c * N;
+      const T* Je = J + e * F * Pn;
+      const T* Ge = G + e * F * F;
+      for (int64_t i = 0; i < F * Pn; ++i) gj[i] = T(0);
+      for (int64_t f = 0; f < F; ++f)
+        for (int64_t h = 0; h < F; ++h) {
+          const T gfh = Ge[f * F + h];
+#pragma omp simd
+          for (int64_t k = 0; k < Pn; ++k) gj[f * Pn + k] += gfh * Je[h * Pn + k];
+        }
+      for (int64_t f = 0; f < F; ++f)
+        for (int64_t q = 0; q < Pn; ++q) {
+          const T jfq = Je[f * Pn + q];
+#pragma omp simd
+          for (int64_t k = 0; k < Pn; ++k) acc[q * Pn + k] += jfq * gj[f * Pn + k];
+        }
+    }
+    T* ob = o + (b * N + n) * Pn * Pn;
+    for (int64_t q = 0; q < Pn; ++q)
+      for (int64_t k = 0; k < Pn; ++k) ob[q * Pn + k] = T(0.5) * (acc[q * Pn + k] + acc[k * Pn + q]);
+  });
+}
+
+// jac [B, C, N, F, p], gram [B, C, N, F, F] -> Σ_c jacᵀ gram jac [B, N, p, p] (symmetrized).
+torch::Tensor gram_blocks(torch::Tensor jac, torch::Tensor gram) {
+  check_cpu_contiguous(jac, "jac");
+  check_cpu_contiguous(gram, "gram");
+  const int64_t B = jac.size(0), C = jac.size(1), N = jac.size(2), F = jac.size(3), Pn = jac.size(4);
+  TORCH_CHECK(gram.numel() == B * C * N * F * F && gram.scalar_type() == jac.scalar_type(),
+              "gram must be [B, C, N, F, F] = [", B, ", ", C, ", ", N, ", ", F, ", ", F, "] of jac's dtype");
+  auto out = torch::empty({B, N, Pn, Pn}, jac.options());
+  AT_DISPATCH_FLOATING_TYPES(jac.scalar_type(), "gram_blocks", [&] {
+    DISPATCH_JAC_SIZES(F, Pn, gram_blocks_impl<scalar_t, kF, kPn>(jac.data_ptr<scalar_t>(), gram.data_ptr<scalar_t>(),
+                                                                  B, C, N, F, Pn, out.data_ptr<scalar_t>()));
+  });
+  return out;
+}
+
 // The compiled projection (project_cpu.cpp).
 std::vector<torch::Tensor> project_forward(torch::Tensor means, torch::Tensor log_scales, torch::Tensor quats,
                                            torch::Tensor opacities, torch::Tensor colors, torch::Tensor viewmats,
@@ -1111,6 +1170,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project_cotangent", &project_cotangent, "Σ_c jacᵀ · g [B,C,N,F] -> [B,N,p]");
   m.def("project_forward", &project_forward, "EWA projection -> feats [B,C,N,7+D], radii, valid");
   m.def("project_backward", &project_backward, "gradients of the projection's inputs from feature gradients");
+  m.def("gram_blocks", &gram_blocks, "Σ_c jacᵀ G jac -> [B,N,p,p] (symmetrized)");
   m.def("gram_diagonal", &gram_diagonal, "Σ_c diag(jacᵀ G jac) -> [B,N,p]");
   m.def("project_jacobian", &project_jacobian, "∂feats/∂(Gaussian parameters) [B,C,N,F,p] (and ∂/∂pose [..,6])");
 }
