@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["hat", "vee", "se3_exp", "se3_log", "se3_compose", "se3_inverse", "so3_exp", "so3_log"]
+__all__ = ["hat", "vee", "se3_exp", "se3_log", "se3_compose", "se3_inverse", "so3_exp", "so3_log",
+           "so3_exp_quat", "matrix_to_quat", "quat_multiply"]
 
 # Below this squared angle the series are used; the closed forms lose digits to
 # cancellation (1 − cos θ, θ − sin θ) for small θ in float32. At θ = 0.3 the first
@@ -159,3 +160,58 @@ def se3_inverse(xi: Tensor) -> Tensor:
     """The twist of ``exp(xi)⁻¹``: ``−xi``."""
     _check_twist(xi)
     return -xi
+
+
+def so3_exp_quat(w: Tensor) -> Tensor:
+    """Unit quaternions ``[..., 4]`` (wxyz) of the rotations ``exp(w^)`` for rotation
+    vectors ``w [..., 3]``: ``(cos(θ/2), sin(θ/2)/θ · w)``, smooth at ``θ = 0`` (series
+    below the same small angle as :func:`so3_exp`)."""
+    if w.shape[-1] != 3:
+        raise ValueError(f"w has shape {tuple(w.shape)}, expected [..., 3]")
+    theta2 = (w * w).sum(-1)
+    small = theta2 < _SMALL_ANGLE2
+    t = 0.5 * torch.sqrt(torch.where(small, torch.ones_like(theta2), theta2))  # θ/2, never 0 in the exact branch
+    s = 0.25 * theta2  # (θ/2)²
+    cos_half = torch.where(small, _alternating_series(s, 1.0, (2, 12, 30, 56, 90, 132)), torch.cos(t))
+    # sin(θ/2)/θ = ½ · sin(x)/x at x = θ/2
+    sinc_half = torch.where(small, _alternating_series(s, 0.5, (6, 20, 42, 72, 110, 156)), 0.5 * torch.sin(t) / t)
+    return torch.cat([cos_half.unsqueeze(-1), sinc_half.unsqueeze(-1) * w], dim=-1)
+
+
+def quat_multiply(p: Tensor, q: Tensor) -> Tensor:
+    """Hamilton products ``p ⊗ q`` ``[..., 4]`` of quaternions (wxyz, broadcast): the
+    rotation of ``p ⊗ q`` is ``R(p) · R(q)``."""
+    if p.shape[-1] != 4 or q.shape[-1] != 4:
+        raise ValueError(f"quaternions have shapes {tuple(p.shape)} and {tuple(q.shape)}, expected [..., 4]")
+    pw, px, py, pz = p.unbind(-1)
+    qw, qx, qy, qz = q.unbind(-1)
+    return torch.stack([pw * qw - px * qx - py * qy - pz * qz,
+                        pw * qx + px * qw + py * qz - pz * qy,
+                        pw * qy - px * qz + py * qw + pz * qx,
+                        pw * qz + px * qy - py * qx + pz * qw], dim=-1)
+
+
+def matrix_to_quat(R: Tensor) -> Tensor:
+    """Unit quaternions ``[..., 4]`` (wxyz, ``w ≥ 0``) of rotation matrices ``R [..., 3, 3]``
+    (Shepperd's method: the largest of ``4w², 4x², 4y², 4z²`` picks the branch; every
+    branch's square root is floored, so unused branches stay finite in autograd)."""
+    if R.dim() < 2 or tuple(R.shape[-2:]) != (3, 3):
+        raise ValueError(f"R has shape {tuple(R.shape)}, expected [..., 3, 3]")
+    m00, m11, m22 = R[..., 0, 0], R[..., 1, 1], R[..., 2, 2]
+    four = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
+    a = R[..., 2, 1] - R[..., 1, 2]
+    b = R[..., 0, 2] - R[..., 2, 0]
+    c = R[..., 1, 0] - R[..., 0, 1]
+    d = R[..., 0, 1] + R[..., 1, 0]
+    e = R[..., 0, 2] + R[..., 2, 0]
+    f = R[..., 1, 2] + R[..., 2, 1]
+    root = torch.sqrt(four.clamp_min(1e-12))  # 2|w|, 2|x|, 2|y|, 2|z| in their branches
+    cands = torch.stack([
+        torch.stack([root[..., 0] ** 2, a, b, c], -1) / (2 * root[..., 0, None]),
+        torch.stack([a, root[..., 1] ** 2, d, e], -1) / (2 * root[..., 1, None]),
+        torch.stack([b, d, root[..., 2] ** 2, f], -1) / (2 * root[..., 2, None]),
+        torch.stack([c, e, f, root[..., 3] ** 2], -1) / (2 * root[..., 3, None]),
+    ], dim=-2)  # [..., 4 branches, 4]
+    pick = four.argmax(-1)
+    q = torch.gather(cands, -2, pick[..., None, None].expand(*pick.shape, 1, 4)).squeeze(-2)
+    return torch.where(q[..., :1] < 0, -q, q)
