@@ -114,6 +114,33 @@ class CompiledFunction:
         compiled, drops_none = found
         return compiled(*[a for a in args if a is not None]) if drops_none else compiled(*args)
 
+    def for_one_key(self) -> Callable:
+        """``self`` for a caller whose inputs keep one key from call to call (one PCG
+        solve's loop: the same tensors or new ones of the same shapes, strides, dtypes and
+        devices, the same ones ``None``): the key is computed on the first call only (11-20
+        µs of a ~90 µs iteration at n = 10^4); later calls go straight to the compiled
+        code, whose own checks (inductor asserts every input's size and stride before it
+        runs) still guard each call, and where they fail the call is looked up by its key
+        again."""
+        resolved: list = []
+
+        def call(*args):
+            if resolved:
+                compiled, drops_none = resolved[0]
+                try:
+                    return compiled(*[a for a in args if a is not None]) if drops_none \
+                        else compiled(*args)
+                except AssertionError:  # other sizes or strides: look the key up
+                    resolved.clear()
+            key = input_key(args)
+            out = self(*args)
+            found = self.compiled.get(key)
+            if found is not None:
+                resolved.append(found)
+            return out
+
+        return call
+
     def _compile(self, args):
         from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -199,8 +226,10 @@ class CompiledVectorOps:
                                      "PCG step with the operator's product")
             self._with_product[module] = fused
 
+        call = fused.for_one_key()  # one solve: its loop's inputs keep their key
+
         def step(*args):
-            return fused(*args, *constants)
+            return call(*args, *constants)
 
         return step
 

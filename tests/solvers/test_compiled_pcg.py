@@ -256,3 +256,18 @@ def test_product_compiled_into_the_step_statuses_as_torch_backend(bad):
     assert fused.status.tolist() == eager.status.tolist()
     assert fused.iterations[1] == eager.iterations[1] == 0
     assert_agree(a, eager, fused, 1e-10, rows=[0, 2])
+
+
+def test_for_one_key_looks_up_inputs_of_another_key():
+    """A function bound to one key (``for_one_key``, as a solve's fused step is) still
+    gives the right result where later inputs have other sizes or strides: inductor's
+    own input checks fail and the call is looked up by its key."""
+    dot = compiled.CompiledFunction(lambda a, b: torch.linalg.vecdot(a, b, dim=1), "test dot")
+    bound = dot.for_one_key()
+    g = torch.Generator().manual_seed(12)
+    for batch, n, dtype in (*SHAPES, SHAPES[0]):
+        a, b = (torch.randn(batch, n, generator=g, dtype=torch.float64).to(dtype)
+                for _ in range(2))
+        torch.testing.assert_close(bound(a, b), (a * b).sum(dim=1))
+        at = torch.randn(n, batch, generator=g, dtype=torch.float64).to(dtype).t()  # strides
+        torch.testing.assert_close(bound(at, b), (at * b).sum(dim=1))
