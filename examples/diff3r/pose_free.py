@@ -35,6 +35,7 @@ pose relative to context view 0 during training; at evaluation
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import difftto
-from difftto.problems.splatting import rasterize
+from difftto.problems import get as get_problem
+from difftto.problems.splatting import PosedSplattingProblem, rasterize
 from difftto.problems.splatting.se3 import se3_exp, se3_log
 from examples.diff3r.model import (
     channel_slices,
@@ -65,6 +67,7 @@ __all__ = [
     "context_data",
     "first_view_frame",
     "gaussians_only",
+    "world_theta",
     "is_pose_free",
     "pose_loss",
     "run_pipeline",
@@ -90,6 +93,9 @@ class PoseFreeOutput:
     Attributes:
         theta: the Gaussian groups (``N = V·H·W``, in the first view's frame) and
             ``pose [B, V, 6]`` (twists of the world-to-camera poses; ``pose[:, 0] = 0``).
+        layer_theta: θ0 as the layer takes it: ``theta`` with ``attach="world"``; with
+            ``attach="camera"`` the Gaussians of view ``v`` in camera ``v``'s frame
+            (``theta``'s are those carried out by the pose, :func:`world_theta`).
         lam: Λ by group: ``[B, N]`` per Gaussian group, ``pose [B, V]``.
         depth: z-depth ``[B, V, H, W]`` in each view's camera.
         pose_rotation_weight: the model's weight of the rotation entries in
@@ -100,6 +106,18 @@ class PoseFreeOutput:
     lam: dict[str, Tensor]
     depth: Tensor
     pose_rotation_weight: float = 1.0
+    layer_theta: dict[str, Tensor] | None = None
+    attach: str = "world"
+
+    def __post_init__(self) -> None:
+        if self.layer_theta is None:
+            self.layer_theta = self.theta
+
+    @property
+    def gaussian_view(self) -> Tensor:
+        """The context view of each Gaussian ``[N]`` (``V·H·W``, view-major)."""
+        B, V = self.theta["pose"].shape[:2]
+        return torch.arange(V, device=self.depth.device).repeat_interleave(self.theta["means"].shape[1] // V)
 
     @property
     def viewmats(self) -> Tensor:
@@ -160,6 +178,11 @@ class PoseFreeModel(nn.Module):
             (``lam["pose"]`` is then ``[B, V, 6]``).
         lam_pose_rotation: the initial rotation Λ with ``pose_lam="split"`` (default:
             ``lam_init``'s ``pose``).
+        attach: ``"world"``: the layer refines the Gaussians in the first view's frame;
+            ``"camera"``: each view's Gaussians in that view's camera frame, placed in the
+            world by its current pose (``gaussian_splatting_posed(attach="camera")``), so
+            a pose update moves them with the camera and the pose is driven by the other
+            views only (pose-free bundle adjustment).
         name: ``"pose_free"`` (the config's selector; ignored).
     """
 
@@ -181,6 +204,7 @@ class PoseFreeModel(nn.Module):
         pose_estimator: str = "head",
         pose_lam: str = "camera",
         lam_pose_rotation: float | None = None,
+        attach: str = "world",
         name: str = "pose_free",
     ):
         super().__init__()
@@ -192,7 +216,9 @@ class PoseFreeModel(nn.Module):
         values = lam_init_values(lam_init, GROUPS)
         if lam_pose_rotation is not None and float(lam_pose_rotation) <= 0:
             raise ValueError(f"lam_pose_rotation: expected a value > 0, got {lam_pose_rotation}")
-        self.pose_estimator, self.pose_lam = pose_estimator, pose_lam
+        if attach not in ("world", "camera"):
+            raise ValueError(f"attach: expected 'world' or 'camera', got {attach!r}")
+        self.pose_estimator, self.pose_lam, self.attach = pose_estimator, pose_lam, attach
         rotation_init = values[-1] if lam_pose_rotation is None else float(lam_pose_rotation)
         self.register_buffer("lam_pose_init", torch.tensor([values[-1]] * 3 + [rotation_init] * 3),
                              persistent=False)
@@ -306,7 +332,15 @@ class PoseFreeModel(nn.Module):
                  "opacities": flat(out[..., sl["opacity"]][..., 0]), "colors": flat(colors), "pose": pose}
         lam = {g: flat(lam_raw[..., i]) for i, g in enumerate(GAUSSIAN_GROUPS)}
         lam["pose"] = lam_pose
-        return PoseFreeOutput(theta, lam, depth, self.pose_supervision_rotation)
+        if self.attach == "world":
+            return PoseFreeOutput(theta, lam, depth, self.pose_supervision_rotation)
+        # attach="camera": the layer's Θ0 has view v's Gaussians in camera v's frame (the
+        # back-projected points themselves); the world ones are placed by the pose.
+        local = {**theta, "means": flat(cam)}
+        view = torch.arange(V, device=images.device).repeat_interleave(H * W)
+        world = world_theta(local, view)
+        return PoseFreeOutput(world, lam, depth, self.pose_supervision_rotation, layer_theta=local, attach="camera")
+
 
 
 # ----------------------------------------------------------------------- pipeline
@@ -330,10 +364,12 @@ def _by_group(value: Any, name: str, pose_value: float) -> float | dict[str, flo
     return out
 
 
-def build_layer(tto: Any, backward: str = "implicit", pose_lr: float = 3e-3) -> difftto.ImplicitLayer:
-    """The TTO layer on ``gaussian_splatting_posed``: the same ``tto`` config as the
-    pose-given model's (``conf/tto/*.yaml``), the pose group's learning rate
-    ``pose_lr`` (or ``tto.lr.pose`` when given)."""
+def build_layer(tto: Any, backward: str = "implicit", pose_lr: float = 3e-3,
+                attach: str = "world") -> difftto.ImplicitLayer:
+    """The TTO layer on ``gaussian_splatting_posed(attach=attach)``: the same ``tto``
+    config as the pose-given model's (``conf/tto/*.yaml``), the pose group's learning
+    rate ``pose_lr`` (or ``tto.lr.pose`` when given). :func:`run_pipeline` switches the
+    problem's ``attach`` to the model's."""
     name = _get(tto, "inner", "adam")
     steps = int(_get(tto, "steps", 20))
     if name == "adam":
@@ -346,9 +382,37 @@ def build_layer(tto: Any, backward: str = "implicit", pose_lr: float = 3e-3) -> 
     else:
         raise ValueError(f"tto.inner: expected one of ('adam', 'gd', 'gauss_newton'), got {name!r}")
     solver = difftto.solvers.PCG(rtol=float(_get(tto, "pcg_rtol", 1e-3)), max_iter=int(_get(tto, "pcg_max_iter", 10)))
-    return difftto.ImplicitLayer("gaussian_splatting_posed", inner=inner, backward=backward,
+    return difftto.ImplicitLayer(get_problem("gaussian_splatting_posed", attach=attach), inner=inner,
+                                 backward=backward,
                                  hessian=_get(tto, "hessian", "gauss_newton"), solver=solver,
                                  on_failure=_get(tto, "on_failure", "best"), truncate=int(_get(tto, "truncate", 5)))
+
+
+def _frame_data(pose: Tensor, gaussian_view: Tensor) -> dict[str, Tensor]:
+    B, V = pose.shape[:2]
+    mask = torch.ones(B, V, dtype=pose.dtype, device=pose.device)
+    mask[:, 0] = 0
+    eye = torch.eye(4, dtype=pose.dtype, device=pose.device).expand(B, V, 4, 4).contiguous()
+    return {"viewmats": eye, "pose_mask": mask, "gaussian_view": gaussian_view}
+
+
+def world_theta(theta: Mapping[str, Tensor], gaussian_view: Tensor) -> dict[str, Tensor]:
+    """``θ`` with camera-attached Gaussians (view ``gaussian_view[n]``'s frame) → the
+    Gaussians in the first view's frame and the same ``pose``, as
+    ``gaussian_splatting_posed(attach="camera")`` places them (differentiable)."""
+    problem = PosedSplattingProblem(attach="camera")
+    return {**problem.world_gaussians(theta, _frame_data(theta["pose"], gaussian_view)), "pose": theta["pose"]}
+
+
+def _layer_for(layer: difftto.ImplicitLayer, attach: str) -> difftto.ImplicitLayer:
+    """``layer`` when its problem's ``attach`` is ``attach``; otherwise a shallow copy
+    of it on ``gaussian_splatting_posed(attach=attach)`` (same backend)."""
+    problem = layer.problem
+    if getattr(problem, "attach", "world") == attach:
+        return layer
+    out = copy.copy(layer)
+    out.problem = get_problem("gaussian_splatting_posed", backend=getattr(problem, "backend", "auto"), attach=attach)
+    return out
 
 
 def _invert(T: Tensor) -> Tensor:
@@ -391,14 +455,18 @@ def gaussians_only(theta: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def context_data(pred: PoseFreeOutput, batch: Mapping[str, Tensor], images: Tensor | None = None) -> dict:
     """``gaussian_splatting_posed`` data: identity base cameras (the whole pose is in θ),
-    pixel intrinsics, the context images ``[B, V, H, W, 3]`` and ``pose_mask`` (view 0 fixed)."""
+    pixel intrinsics, the context images ``[B, V, H, W, 3]``, ``pose_mask`` (view 0 fixed)
+    and, with ``attach="camera"``, ``gaussian_view``."""
     imgs = batch["context_images"] if images is None else images
     B, V, _, H, W = imgs.shape
     Ks = batch["context_intrinsics"] * imgs.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)
     mask = torch.ones(B, V, dtype=imgs.dtype, device=imgs.device)
     mask[:, 0] = 0
     eye = torch.eye(4, dtype=imgs.dtype, device=imgs.device).expand(B, V, 4, 4).contiguous()
-    return {"viewmats": eye, "Ks": Ks, "images": imgs.permute(0, 1, 3, 4, 2).contiguous(), "pose_mask": mask}
+    data = {"viewmats": eye, "Ks": Ks, "images": imgs.permute(0, 1, 3, 4, 2).contiguous(), "pose_mask": mask}
+    if pred.attach == "camera":
+        data["gaussian_view"] = pred.gaussian_view
+    return data
 
 
 def constant_lam(pred: PoseFreeOutput, value: float | Mapping[str, float]) -> dict[str, Tensor]:
@@ -422,8 +490,9 @@ def render_targets(theta: Mapping[str, Tensor], batch: Mapping[str, Tensor], pre
 
 @dataclass
 class PoseFreePipelineOutput:
-    """As ``pipeline.PipelineOutput``: prediction, the θ used (Θ0 or Θ*, poses included),
-    Λ, the target renders and the layer's info."""
+    """As ``pipeline.PipelineOutput``: prediction, the θ used (Θ0 or Θ*, poses included;
+    the Gaussians in the first view's frame whatever the model's ``attach``), Λ, the
+    target renders and the layer's info."""
 
     prediction: PoseFreeOutput
     theta: dict[str, Tensor]
@@ -446,5 +515,8 @@ def run_pipeline(model: PoseFreeModel, batch: Mapping[str, Tensor], layer: difft
     if layer is None:
         return PoseFreePipelineOutput(pred, pred.theta, pred.lam, render_targets(pred.theta, batch), None)
     weights = pred.lam if isinstance(lam, str) and lam == "predicted" else constant_lam(pred, lam)
-    theta_star, info = layer(pred.theta, weights, context_data(pred, batch, images))
+    layer = _layer_for(layer, pred.attach)
+    theta_star, info = layer(pred.layer_theta, weights, context_data(pred, batch, images))
+    if pred.attach == "camera":
+        theta_star = world_theta(theta_star, pred.gaussian_view)
     return PoseFreePipelineOutput(pred, theta_star, weights, render_targets(theta_star, batch), info)
