@@ -17,6 +17,9 @@ Fields per backend (milliseconds, minimum over ``--repeats``):
   does; kernels: :class:`KernelLinearization`);
 - ``gn_product``: ``Jᵀ(J·v)``, one PCG iteration's operator product;
 - ``diag``: the exact ``diag(JᵀJ)`` (kernels only; torch has only probe estimates).
+- ``linearize_blocks``: ``linearize`` plus the per-Gaussian blocks of ``JᵀJ`` (the Gram
+  matrices and ``gauss_newton_blocks``): what the block-Jacobi preconditioner reads from
+  the problem (kernels only).
 - ``linearize_jacobian``: the kernels' linearization build timed twice, interleaved:
   ``kernel`` with the compiled closed-form projection Jacobian (the default, = ``linearize``
   above up to noise) and ``torch_func`` with the Jacobian by ``torch.func`` forward mode on
@@ -122,6 +125,8 @@ def _quantities(backend: str, theta, data, size: int, gen, info: dict):
         yield "vjp", lambda: lin.vjp(w)
         yield "gn_product", lambda: lin.vjp(lin.jvp(tangent))
         yield "diag", lin.gauss_newton_diagonal
+        # From scratch (a fresh linearization, so no cache of the lines above is reused).
+        yield "linearize_blocks", lambda: problem.linearize(theta, frozen).gauss_newton_blocks()
 
 
 def run_case(size: int, dtype: torch.dtype, repeats: int, torch_func_jacobian: bool = True) -> dict:
