@@ -60,7 +60,10 @@ class InnerObjective:
             (``"linearize"`` with the traced product compiled by ``torch.compile``
             (inductor, static shapes) once per trace, so once per problem class and
             shape: a new linearization point feeds new constants to the same compiled
-            code; the first product of a shape costs the compilation, seconds; the folded
+            code; with a proximal term ``(∇²D or JᵀJ) + diag Λ`` is one compiled call, Λ
+            an input, and the operator gives that graph to ``PCG(backend="compiled")``,
+            which compiles it into its step; the first product of a shape costs the
+            compilation, seconds; the folded
             eager product where compiling fails or its result disagrees with the eager
             one, after a :class:`~difftto.solvers.compiled.CompileFallbackWarning`).
             Only the generic traced products are compiled; a problem's own

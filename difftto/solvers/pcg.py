@@ -131,7 +131,8 @@ class PCG:
         backend: ``"auto"`` (fused CuPy kernels on CUDA tensors when cupy imports,
             else torch), ``"torch"``, ``"cupy"``, or ``"compiled"`` (opt-in: the torch
             updates and the per-iteration bookkeeping compiled by inductor into a few
-            fused loops, see :mod:`difftto.solvers.compiled`; about a second of
+            fused loops, and the operator's product with them where the operator gives it
+            as a graph, ``operator.graph()``, see :mod:`difftto.solvers.compiled`; about a second of
             compilation per function and new shape; eager torch where compiling fails,
             after a warning).
 
