@@ -576,8 +576,8 @@ template <typename T, int kP>
 void gram_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr, const int64_t* pair_gauss,
                const T* alpha, const T* trans, const T* rw, const T* rb, const Grid& g, int64_t R, T* gram_pair) {
   const int64_t P = kP > 0 ? kP : g.P;
-  // scratch: suffix alpha, suffix colours[D], rw[D], rb[D], geo[6], e[D], cw[D], se2, w
-  for_each_tile<T>(g, tile_ptr, P, 3 + 5 * D + 6, [&](const Tile<T>& tile) {
+  // scratch: suffix alpha, suffix colours[D], rw[D], rb[D], geo[6], e[D], cw[D], se2, w, terms
+  for_each_tile<T>(g, tile_ptr, P, 4 + 5 * D + 6, [&](const Tile<T>& tile) {
     const int64_t m0 = tile.m0, m1 = tile.m1;
     T *px = tile.buf, *py = px + P, *sa = py + P, *sc = sa + P, *rwt = sc + D * P, *rbt = rwt + D * P;
     T *geo = rbt + D * P, *e = geo + 6 * P, *cw = e + D * P, *se2 = cw + D * P, *w = se2 + P;
@@ -618,29 +618,27 @@ void gram_impl(const T* feats, int64_t F, int64_t D, const int64_t* tile_ptr, co
         }
       }
       T* out = gram_pair + m * R;
+      T* t = w + P;  // one row of per-pixel terms, summed by sum_pixels
       int64_t k = 0;
       for (int64_t u = 0; u < 6; ++u)
         for (int64_t v = u; v < 6; ++v) {
           const T *gu = geo + u * P, *gv = geo + v * P;
-          T s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t p = 0; p < P; ++p) s += se2[p] * gu[p] * gv[p];
-          out[k++] = s;
+#pragma omp simd
+          for (int64_t p = 0; p < P; ++p) t[p] = se2[p] * gu[p] * gv[p];
+          out[k++] = sum_pixels<T, kP>(t, P);
         }
       for (int64_t q = 0; q < D; ++q)
         for (int64_t u = 0; u < 6; ++u) {
           const T *gu = geo + u * P, *eq = e + q * P, *cq = cw + q * P;
-          T s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t p = 0; p < P; ++p) s += eq[p] * cq[p] * gu[p];
-          out[k++] = s;
+#pragma omp simd
+          for (int64_t p = 0; p < P; ++p) t[p] = eq[p] * cq[p] * gu[p];
+          out[k++] = sum_pixels<T, kP>(t, P);
         }
       for (int64_t q = 0; q < D; ++q) {
         const T* cq = cw + q * P;
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t p = 0; p < P; ++p) s += cq[p] * cq[p];
-        out[k++] = s;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) t[p] = cq[p] * cq[p];
+        out[k++] = sum_pixels<T, kP>(t, P);
       }
       // suffix sums for the pairs in front of this one
       for (int64_t q = 0; q < D; ++q) {
