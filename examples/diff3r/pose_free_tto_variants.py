@@ -9,8 +9,10 @@ after TTO, means over the scenes. Target PSNR is not computed here
 
 Variants: the checkpoint's TTO (Adam, pose lr 3e-3); the same started at the true
 context poses; the rotation entries moved 10× less per Adam step (θ holds rotation /
-0.1, so Λ also anchors them 100× more); poses frozen (pose lr 1e-12);
-Levenberg-Marquardt, 5 and 20 steps.
+0.1, so Λ also anchors them 100× more); poses frozen (pose lr 1e-12); Gaussians
+frozen (their lr 1e-12: the poses alone fitted to the predicted Gaussians), from the
+predicted and from the true poses; Levenberg-Marquardt, 5 and 20 steps. The layers
+use the checkpoint's ``model.attach`` (world or camera frame of the Gaussians).
 
 Run::
 
@@ -70,20 +72,27 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     dataset = make_dataset(cfg, prepare_data(cfg.data), "test", evaluation=True)
     tto = OmegaConf.to_container(cfg.tto, resolve=True)
     pose_lr = float(cfg.model.tto_pose_lr)
+    attach = getattr(model, "attach", "world")
     scaled_layer = difftto.ImplicitLayer(
-        RotationScaledProblem(), inner=difftto.Adam(lr=pose_free._by_group(tto["lr"], "tto.lr", pose_lr),
+        RotationScaledProblem(attach=attach), inner=difftto.Adam(lr=pose_free._by_group(tto["lr"], "tto.lr", pose_lr),
                                                     steps=int(tto["steps"])),
         backward="implicit", hessian="gauss_newton", solver=difftto.solvers.PCG(rtol=1e-2, max_iter=15))
     lm = {"inner": "gauss_newton", "damping": 1e-3}
+    frozen_gaussians = {**tto, "lr": {g: 1e-12 for g in pose_free.GAUSSIAN_GROUPS}}
+
+    def build(t, lr=pose_lr):
+        return pose_free.build_layer(t, "implicit", lr, attach=attach)
+
     # name: (layer, θ's rotation unit, start at the true context poses)
     variants = {
-        f"Adam, pose lr {pose_lr:g} (the checkpoint's TTO)": (pose_free.build_layer(tto, "implicit", pose_lr), 1.0,
-                                                               False),
-        "the same, started at the true context poses": (pose_free.build_layer(tto, "implicit", pose_lr), 1.0, True),
+        f"Adam, pose lr {pose_lr:g} (the checkpoint's TTO)": (build(tto), 1.0, False),
+        "the same, started at the true context poses": (build(tto), 1.0, True),
         f"Adam, rotation entries in units of {ROTATION_UNIT} rad": (scaled_layer, ROTATION_UNIT, False),
-        "Adam, poses frozen (pose lr 1e-12)": (pose_free.build_layer(tto, "implicit", 1e-12), 1.0, False),
-        "Levenberg-Marquardt, 5 steps": (pose_free.build_layer({**tto, **lm, "steps": 5}, "implicit"), 1.0, False),
-        "Levenberg-Marquardt, 20 steps": (pose_free.build_layer({**tto, **lm, "steps": 20}, "implicit"), 1.0, False),
+        "Adam, poses frozen (pose lr 1e-12)": (build(tto, 1e-12), 1.0, False),
+        "Adam, Gaussians frozen (their lr 1e-12)": (build(frozen_gaussians), 1.0, False),
+        "Adam, Gaussians frozen, started at the true context poses": (build(frozen_gaussians), 1.0, True),
+        "Levenberg-Marquardt, 5 steps": (build({**tto, **lm, "steps": 5}), 1.0, False),
+        "Levenberg-Marquardt, 20 steps": (build({**tto, **lm, "steps": 20}), 1.0, False),
     }
     records: dict[str, list[tuple[float, ...]]] = {name: [] for name in variants}
     lam_pose = []
@@ -99,15 +108,18 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             data = pose_free.context_data(pred, batch)
             for name, (layer, unit, from_truth) in variants.items():
                 start = se3_log(true_w2c) if from_truth else pred.theta["pose"]
-                theta0 = {**pred.theta, "pose": _to_rotation_units(start, unit)}
+                theta0 = {**pred.layer_theta, "pose": _to_rotation_units(start, unit)}
                 star, _ = layer(theta0, pred.lam, data)
                 pose = _to_rotation_units(star["pose"], 1.0 / unit)
+                star = {**star, "pose": pose}
+                if pred.attach == "camera":
+                    star = pose_free.world_theta(star, pred.gaussian_view)
                 rot0, tr0 = relative_pose_errors(se3_exp(start), true_w2c)
                 rot1, tr1 = relative_pose_errors(se3_exp(pose), true_w2c)
                 render = pose_free.render_targets(star, batch, "context", viewmats=se3_exp(pose))
                 records[name].append((float(rot0.mean()), float(rot1.mean()), float(tr0.mean()), float(tr1.mean()),
                                       float(psnr(render.clamp(0, 1), batch["context_images"]).mean())))
-    print(f"{n} scenes, predicted Λ_pose (views 1..) mean {sum(lam_pose) / n:.3g}, "
+    print(f"{n} scenes, attach={attach}, predicted Λ_pose (views 1..) mean {sum(lam_pose) / n:.3g}, "
           f"{time.perf_counter() - started:.0f} s")
     print("| variant | rotation ° Θ0 → Θ* | translation direction ° Θ0 → Θ* | context PSNR after TTO |")
     print("|---|---|---|---|")

@@ -200,7 +200,7 @@ def test_tto_variants_script_runs_on_a_checkpoint(root, tmp_path):
 
     summary = train(compose_config(_overrides(root, tmp_path / "zs", "zero_shot")))
     means = pose_free_tto_variants.main([str(summary["checkpoint"]), "--max-scenes", "1"])
-    assert len(means) == 6 and all(math.isfinite(v) for m in means.values() for v in m)
+    assert len(means) == 8 and all(math.isfinite(v) for m in means.values() for v in m)
     frozen = means["Adam, poses frozen (pose lr 1e-12)"]
     assert frozen[1] == pytest.approx(frozen[0], abs=1e-3) and frozen[3] == pytest.approx(frozen[2], abs=1e-3)
     from_truth = means["the same, started at the true context poses"]
