@@ -90,12 +90,13 @@ class PosedSplattingProblem(GaussianSplattingProblem):
                 f"attach={self.attach!r})")
 
     def _masked_pose(self, theta: Mapping[str, Tensor], data: Data) -> Tensor:
-        """``pose_mask · theta['pose']`` ``[B, C, 6]`` (checks theta and data)."""
+        """``pose_mask · theta['pose']`` ``[B, C, 6]`` (reads only ``viewmats`` and ``pose_mask`` of ``data``)."""
         if not isinstance(theta, Mapping) or POSE_KEY not in theta:
             got = sorted(theta) if isinstance(theta, Mapping) else type(theta).__name__
             raise KeyError(f"gaussian_splatting_posed needs theta[{POSE_KEY!r}] [B, C, 6] beside the "
                            f"Gaussian groups; got {got}")
-        self._check_data(theta, data)
+        if not isinstance(data, Mapping) or "viewmats" not in data:
+            raise KeyError("gaussian_splatting_posed needs data['viewmats'] [B, C, 4, 4] (the base cameras)")
         pose = theta[POSE_KEY]
         mask = data.get("pose_mask")
         if mask is not None:
@@ -109,14 +110,15 @@ class PosedSplattingProblem(GaussianSplattingProblem):
 
     def cameras(self, theta: Mapping[str, Tensor], data: Data) -> Tensor:
         """The context cameras' world-to-camera matrices ``exp(pose_mask · pose) · viewmats``
-        ``[B, C, 4, 4]`` at ``theta``."""
+        ``[B, C, 4, 4]`` at ``theta`` (of ``data``, only ``viewmats`` and ``pose_mask`` are read)."""
         return posed_viewmats(self._masked_pose(theta, data), data["viewmats"])
 
     def world_gaussians(self, theta: Mapping[str, Tensor], data: Data,
                         cameras: Tensor | None = None) -> dict[str, Tensor]:
         """The Gaussian groups of ``theta`` in the world frame (``theta``'s own with
         ``attach="world"``; with ``attach="camera"``, means and quats carried out of their
-        camera's frame by its current pose, see the class docstring). ``cameras``: the
+        camera's frame by its current pose, see the class docstring). Of ``data`` only
+        ``viewmats``, ``pose_mask`` and ``gaussian_view`` are read. ``cameras``: the
         output of :meth:`cameras` when already computed."""
         gaussians = {k: v for k, v in theta.items() if k != POSE_KEY}
         if self.attach == "world":
@@ -157,6 +159,7 @@ class PosedSplattingProblem(GaussianSplattingProblem):
     def render(self, theta: Mapping[str, Tensor], data: Data, *, return_state: bool = False) -> RenderOutput:
         """Renders the Gaussians of ``theta`` (:meth:`world_gaussians`) into the cameras
         ``exp(theta['pose']) · viewmats``."""
+        self._check_data(theta, data)
         cameras = self.cameras(theta, data)
         posed = {k: v for k, v in data.items() if k not in ("pose_mask", VIEW_KEY)}
         posed["viewmats"] = cameras
