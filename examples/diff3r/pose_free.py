@@ -19,7 +19,9 @@ Model (every step differentiable):
    offset, scale, rotation, opacity, color and one Λ per Gaussian group. The pixel's
    point ``depth · K⁻¹(pixel + offset)`` in camera ``v`` is carried into the first
    view's frame by ``exp(−ξ_v)`` (the inverse pose), so the means depend on the pose
-   head too.
+   head too. With ``attach="camera"`` the layer instead refines view ``v``'s Gaussians
+   in camera ``v``'s frame (``gaussian_splatting_posed(attach="camera")``): the pose
+   carries them, so a pose update moves them with the camera.
 
 Parameters ``θ`` of the layer: the five Gaussian groups of ``model.py`` plus
 ``pose [B, V, 6]``; problem ``gaussian_splatting_posed`` with identity base cameras
