@@ -1,10 +1,20 @@
-"""Shared helpers for the splatting tests: a dense all-pairs reference renderer and a
-power-iteration estimate of an objective's largest Hessian eigenvalue."""
+"""Shared helpers for the splatting tests: a dense all-pairs reference renderer, a
+power-iteration estimate of an objective's largest Hessian eigenvalue, and the
+``compiled_kernels`` fixture that skips a module when the CPU kernels cannot be built."""
 
 import pytest
 import torch
 
-from difftto.problems.splatting import Gaussians, project_gaussians
+from difftto.problems.splatting import Gaussians, cpu_kernels, project_gaussians
+
+
+@pytest.fixture(scope="module")
+def compiled_kernels():
+    """Compiles (or loads the cached build of) the kernels once per module; skips with the
+    reason when they are unavailable. Use as ``pytestmark = pytest.mark.usefixtures("compiled_kernels")``."""
+    ok, why = cpu_kernels.cpu_kernels_available()
+    if not ok:
+        pytest.skip(f"compiled CPU kernels unavailable: {why}")
 
 
 def dense_render(theta, viewmats, Ks, width, height, background=None):

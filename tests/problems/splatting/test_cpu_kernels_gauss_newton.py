@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from difftto.objective import InnerObjective
-from difftto.problems.splatting import GaussianSplattingProblem, cpu_kernels, rasterize
+from difftto.problems.splatting import GaussianSplattingProblem, rasterize
 from difftto.problems.splatting.kernel_linearization import KernelLinearization
 from difftto.problems.splatting.synthetic import random_scene
 from difftto.regularizers import Proximal
@@ -19,12 +19,7 @@ from difftto.tree import Layout
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    """Compiles (or loads the cached build of) the kernels once for this module."""
-    ok, why = cpu_kernels.cpu_kernels_available()
-    if not ok:
-        pytest.skip(f"compiled CPU kernels unavailable: {why}")
+pytestmark = pytest.mark.usefixtures("compiled_kernels")
 
 
 def _setup(B=1, N=20, C=2, W=12, H=10, seed=0, dtype=F64, pose=False, extras=False, sh=None):

@@ -14,12 +14,7 @@ from difftto.problems.splatting import cpu_kernels
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    """Compiles (or loads the cached build of) the kernels once for this module."""
-    ok, why = cpu_kernels.cpu_kernels_available()
-    if not ok:
-        pytest.skip(f"compiled CPU kernels unavailable: {why}")
+pytestmark = pytest.mark.usefixtures("compiled_kernels")
 
 
 @settings(max_examples=25, deadline=None)

@@ -767,6 +767,33 @@ std::vector<torch::Tensor> forward(torch::Tensor feats, torch::Tensor tile_ptr, 
   return {out, alpha, trans, act_out};
 }
 
+namespace {
+// Shared tail of backward() and residual_backward(): the per-pair feature gradients of
+// backward_impl (D = 3 specialized, else run-time D) for the tile cotangents `load` writes,
+// then summed per Gaussian into grad [num, F].
+template <typename scalar_t, typename Load>
+void backward_pairs_and_reduce(const torch::Tensor& feats, int64_t F, int64_t D, const torch::Tensor& tile_ptr,
+                               const torch::Tensor& pair_gauss, const torch::Tensor& gauss_ptr,
+                               const torch::Tensor& gauss_pairs, const torch::Tensor& alpha,
+                               const torch::Tensor& trans, Load&& load, const Grid& g, torch::Tensor& grad_pair,
+                               torch::Tensor& grad) {
+  const int64_t num = feats.size(0);
+  auto run = [&](auto channels) {
+    DISPATCH_TILE(g.P, backward_impl<scalar_t, kP, decltype(channels)::value>(
+                           feats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(),
+                           pair_gauss.data_ptr<int64_t>(), alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(),
+                           load, g, grad_pair.data_ptr<scalar_t>()));
+  };
+  if (D == 3) {
+    run(std::integral_constant<int, 3>{});
+  } else {
+    run(std::integral_constant<int, 0>{});
+  }
+  reduce_by_gaussian<scalar_t>(grad_pair.data_ptr<scalar_t>(), F, gauss_ptr.data_ptr<int64_t>(),
+                               gauss_pairs.data_ptr<int64_t>(), num, grad.data_ptr<scalar_t>());
+}
+}  // namespace
+
 torch::Tensor backward(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tensor pair_gauss, torch::Tensor gauss_ptr,
                        torch::Tensor gauss_pairs, torch::Tensor alpha, torch::Tensor trans, torch::Tensor grad_out,
                        int64_t tile_size) {
@@ -780,19 +807,8 @@ torch::Tensor backward(torch::Tensor feats, torch::Tensor tile_ptr, torch::Tenso
   AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "rasterize_backward", [&] {
     const scalar_t* go = grad_out.data_ptr<scalar_t>();
     auto load = [&](const Tile<scalar_t>& tile, scalar_t* dst) { load_tile(go, D + 2, g, tile, dst); };
-    auto run = [&](auto channels) {
-      DISPATCH_TILE(g.P, backward_impl<scalar_t, kP, decltype(channels)::value>(
-                             feats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(),
-                             pair_gauss.data_ptr<int64_t>(), alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(),
-                             load, g, grad_pair.data_ptr<scalar_t>()));
-    };
-    if (D == 3) {
-      run(std::integral_constant<int, 3>{});
-    } else {
-      run(std::integral_constant<int, 0>{});
-    }
-    reduce_by_gaussian<scalar_t>(grad_pair.data_ptr<scalar_t>(), F, gauss_ptr.data_ptr<int64_t>(),
-                                 gauss_pairs.data_ptr<int64_t>(), num, grad.data_ptr<scalar_t>());
+    backward_pairs_and_reduce<scalar_t>(feats, F, D, tile_ptr, pair_gauss, gauss_ptr, gauss_pairs, alpha, trans,
+                                        load, g, grad_pair, grad);
   });
   return grad;
 }
@@ -836,19 +852,8 @@ torch::Tensor residual_backward(torch::Tensor feats, torch::Tensor tile_ptr, tor
     auto load = [&](const Tile<scalar_t>& tile, scalar_t* dst) {
       load_residual_cotangent(wp, rwp, rbp, D, g, tile, dst);
     };
-    auto run = [&](auto channels) {
-      DISPATCH_TILE(g.P, backward_impl<scalar_t, kP, decltype(channels)::value>(
-                             feats.data_ptr<scalar_t>(), F, D, tile_ptr.data_ptr<int64_t>(),
-                             pair_gauss.data_ptr<int64_t>(), alpha.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(),
-                             load, g, grad_pair.data_ptr<scalar_t>()));
-    };
-    if (D == 3) {
-      run(std::integral_constant<int, 3>{});
-    } else {
-      run(std::integral_constant<int, 0>{});
-    }
-    reduce_by_gaussian<scalar_t>(grad_pair.data_ptr<scalar_t>(), F, gauss_ptr.data_ptr<int64_t>(),
-                                 gauss_pairs.data_ptr<int64_t>(), num, grad.data_ptr<scalar_t>());
+    backward_pairs_and_reduce<scalar_t>(feats, F, D, tile_ptr, pair_gauss, gauss_ptr, gauss_pairs, alpha, trans,
+                                        load, g, grad_pair, grad);
   });
   return grad;
 }
