@@ -18,12 +18,7 @@ F64 = torch.float64
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    """Compiles (or loads the cached build of) the kernels once for this module."""
-    ok, why = cpu_kernels.cpu_kernels_available()
-    if not ok:
-        pytest.skip(f"compiled CPU kernels unavailable: {why}")
+pytestmark = pytest.mark.usefixtures("compiled_kernels")
 
 
 def _both(theta, V, K, W, H, **kw):
