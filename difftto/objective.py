@@ -746,7 +746,7 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
     zero diagonal), checked on ``check`` against ``want`` (the eager product there);
     ``None`` (after a warning, the trace marked uncompilable) where it disagrees or could
     not be compiled."""
-    from .solvers.compiled import warn_fallback
+    from .solvers.compiled import input_key, warn_fallback
 
     constants = tuple(c.detach() for c in constants)
     with_diagonal = diagonal is not None
@@ -756,11 +756,11 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
     if compiled is None:
         return None
     # Compiled for the check vector's shape, strides, dtype and device only.
-    like_check = (check.shape, check.stride(), check.dtype, check.device)
+    like_check = input_key((check,))
 
     if not with_diagonal:
         def product(v: Tensor) -> Tensor:
-            if (v.shape, v.stride(), v.dtype, v.device) != like_check:
+            if input_key((v,)) != like_check:
                 return apply(v)
             with torch.no_grad():
                 return compiled(v, *constants)
@@ -771,7 +771,7 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
         zeros = torch.zeros_like(d)
 
         def plus_diagonal(v: Tensor) -> Tensor:
-            if (v.shape, v.stride(), v.dtype, v.device) != like_check:
+            if input_key((v,)) != like_check:
                 return apply(v) + d * v
             with torch.no_grad():
                 return compiled(v, d, *constants)
@@ -779,7 +779,7 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
         def product(v: Tensor) -> Tensor:
             # The same code with d = 0: 0 ⊙ v adds exact zeros (NaN where v is not
             # finite, which a finite product would not give; non-finite either way).
-            if (v.shape, v.stride(), v.dtype, v.device) != like_check:
+            if input_key((v,)) != like_check:
                 return apply(v)
             with torch.no_grad():
                 return compiled(v, zeros, *constants)
