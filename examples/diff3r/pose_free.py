@@ -58,6 +58,7 @@ from examples.diff3r.model import (
     init_gaussian_head,
     lam_init_values,
 )
+from examples.diff3r.pose_alignment import relative_pose_errors
 from examples.diff3r.procrustes import weighted_procrustes
 
 __all__ = [
@@ -71,7 +72,9 @@ __all__ = [
     "gaussians_only",
     "world_theta",
     "is_pose_free",
+    "pose_errors_deg",
     "pose_loss",
+    "refined_pose_loss",
     "run_pipeline",
 ]
 
@@ -80,6 +83,17 @@ GAUSSIAN_GROUPS = ("means", "log_scales", "quats", "opacities", "colors")
 GROUPS = (*GAUSSIAN_GROUPS, "pose")
 _HEAD = {"depth": 1, "offset": 2, "scale": 3, "quat": 4, "opacity": 1, "color": 3, "lam": len(GAUSSIAN_GROUPS)}
 _SOFTPLUS_ONE = math.log(math.e - 1.0)
+
+
+def _non_negative(name: str, value: Any) -> float:
+    """``value`` as a finite float ``>= 0``; a ``ValueError`` naming ``name`` and ``value`` otherwise."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}") from None
+    if not math.isfinite(out) or out < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    return out
 
 
 def is_pose_free(model_cfg: Any) -> bool:
@@ -102,6 +116,8 @@ class PoseFreeOutput:
         depth: z-depth ``[B, V, H, W]`` in each view's camera.
         pose_rotation_weight: the model's weight of the rotation entries in
             :func:`pose_loss` (``pose_supervision_rotation``).
+        refined_rotation_weight: the same in :func:`refined_pose_loss`
+            (``pose_supervision_refined_rotation``).
     """
 
     theta: dict[str, Tensor]
@@ -110,6 +126,7 @@ class PoseFreeOutput:
     pose_rotation_weight: float = 1.0
     layer_theta: dict[str, Tensor] | None = None
     attach: str = "world"
+    refined_rotation_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.layer_theta is None:
@@ -170,6 +187,13 @@ class PoseFreeModel(nn.Module):
             poses (:func:`pose_loss`, read by ``train.py``; 0: photometric losses only).
         pose_supervision_rotation: that term's weight on the rotation entries of the
             twist error, relative to the translation entries.
+        pose_supervision_refined: weight of an optional training term on the *refined*
+            context poses, the layer's Θ* (:func:`refined_pose_loss`, read by
+            ``train.py`` in the modes through the layer; 0, the default: off). Its
+            gradient reaches Λ and Θ0 (depths, poses) through the layer, so training
+            asks for a TTO whose optimum has the right poses.
+        pose_supervision_refined_rotation: that term's weight on the rotation entries
+            (default: ``pose_supervision_rotation``).
         pose_estimator: ``"head"``: the pose head's twist; ``"procrustes"``: a cross-view
             point-map head predicts, for each pixel of view ``v``, its 3D point in the
             first view's frame and a weight, and the weighted Procrustes
@@ -203,6 +227,8 @@ class PoseFreeModel(nn.Module):
         tto_pose_lr: float = 3e-3,
         pose_supervision: float = 0.0,
         pose_supervision_rotation: float = 1.0,
+        pose_supervision_refined: float = 0.0,
+        pose_supervision_refined_rotation: float | None = None,
         pose_estimator: str = "head",
         pose_lam: str = "camera",
         lam_pose_rotation: float | None = None,
@@ -229,6 +255,11 @@ class PoseFreeModel(nn.Module):
         self.tto_pose_lr = float(tto_pose_lr)
         self.pose_supervision = float(pose_supervision)
         self.pose_supervision_rotation = float(pose_supervision_rotation)
+        self.pose_supervision_refined = _non_negative("pose_supervision_refined", pose_supervision_refined)
+        if pose_supervision_refined_rotation is None:
+            pose_supervision_refined_rotation = self.pose_supervision_rotation
+        self.pose_supervision_refined_rotation = _non_negative("pose_supervision_refined_rotation",
+                                                               pose_supervision_refined_rotation)
         self.register_buffer("lam_init", torch.tensor(values), persistent=False)
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
                              persistent=False)
@@ -334,14 +365,16 @@ class PoseFreeModel(nn.Module):
                  "opacities": flat(out[..., sl["opacity"]][..., 0]), "colors": flat(colors), "pose": pose}
         lam = {g: flat(lam_raw[..., i]) for i, g in enumerate(GAUSSIAN_GROUPS)}
         lam["pose"] = lam_pose
+        weights = {"pose_rotation_weight": self.pose_supervision_rotation,
+                   "refined_rotation_weight": self.pose_supervision_refined_rotation}
         if self.attach == "world":
-            return PoseFreeOutput(theta, lam, depth, self.pose_supervision_rotation)
+            return PoseFreeOutput(theta, lam, depth, **weights)
         # attach="camera": the layer's Θ0 has view v's Gaussians in camera v's frame (the
         # back-projected points themselves); the world ones are placed by the pose.
         local = {**theta, "means": flat(cam)}
         view = torch.arange(V, device=images.device).repeat_interleave(H * W)
         world = world_theta(local, view)
-        return PoseFreeOutput(world, lam, depth, self.pose_supervision_rotation, layer_theta=local, attach="camera")
+        return PoseFreeOutput(world, lam, depth, layer_theta=local, attach="camera", **weights)
 
 
 
@@ -437,17 +470,56 @@ def first_view_frame(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pose_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], rotation_weight: float | None = None) -> Tensor:
+def pose_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], rotation_weight: float | None = None,
+              pose: Tensor | None = None) -> Tensor:
     """Mean squared twist error of the predicted context poses ``1..V-1`` against the
     batch's (first-view-frame) ones: ``‖log(T_pred · T_true⁻¹)‖²``, a scalar, its
     rotation entries weighted by ``rotation_weight`` (default: the prediction's
-    ``pose_rotation_weight``, the model's ``pose_supervision_rotation``)."""
+    ``pose_rotation_weight``, the model's ``pose_supervision_rotation``). ``pose``
+    (``[B, V, 6]``, default the prediction's Θ0 poses): the twists scored."""
     if rotation_weight is None:
         rotation_weight = pred.pose_rotation_weight
+    if pose is None:
+        pose = pred.theta["pose"]
     true_w2c = _invert(batch["context_extrinsics"][:, 1:])
-    rel = se3_exp(pred.theta["pose"][:, 1:]) @ _invert(true_w2c)
+    rel = se3_exp(pose[:, 1:]) @ _invert(true_w2c)
     err = se3_log(rel).pow(2)
     return (err[..., :3].sum(-1) + rotation_weight * err[..., 3:].sum(-1)).mean()
+
+
+def refined_pose_loss(out: PoseFreePipelineOutput, batch: Mapping[str, Tensor],
+                      rotation_weight: float | None = None) -> Tensor:
+    """:func:`pose_loss` of the *refined* context poses, the layer's Θ* (``out.theta``'s
+    ``pose``), rotation entries weighted by ``rotation_weight`` (default: the model's
+    ``pose_supervision_refined_rotation``). Its gradient reaches the model through the
+    layer: Θ0 of the poses and of the Gaussians and Λ.
+
+    Raises:
+        ValueError: when ``out`` did not go through the layer (no Θ*).
+    """
+    if out.info is None:
+        raise ValueError("refined_pose_loss: the pipeline ran without the TTO layer (no refined poses Θ*); "
+                         "use pose_loss for the predicted ones")
+    if rotation_weight is None:
+        rotation_weight = out.prediction.refined_rotation_weight
+    return pose_loss(out.prediction, batch, rotation_weight, pose=out.theta["pose"])
+
+
+def pose_errors_deg(out: PoseFreePipelineOutput, batch: Mapping[str, Tensor]) -> dict[str, float]:
+    """Mean rotation and translation-direction errors (degrees) of the context poses of
+    Θ0 (``*_theta0``) and, through the layer, of Θ* (``*_theta_star``), for the
+    training log."""
+    true = _invert(batch["context_extrinsics"])
+    poses = {"theta0": out.prediction.theta["pose"]}
+    if out.info is not None:
+        poses["theta_star"] = out.theta["pose"]
+    rec = {}
+    with torch.no_grad():
+        for name, pose in poses.items():
+            rot, trans = relative_pose_errors(se3_exp(pose.detach()), true)
+            rec[f"rot_err_deg_{name}"] = float(rot.mean())
+            rec[f"trans_err_deg_{name}"] = float(trans.mean())
+    return rec
 
 
 def gaussians_only(theta: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -362,6 +362,8 @@ def train(cfg: DictConfig) -> dict:
                 loss = loss + theta0_weight * F.mse_loss(render_views(out.prediction.theta, batch), target)
             if is_pose_free and float(cfg.model.get("pose_supervision", 0.0)) > 0:  # optional term on the poses
                 loss = loss + float(cfg.model.pose_supervision) * pose_free.pose_loss(out.prediction, batch)
+            if is_pose_free and layer is not None and core.pose_supervision_refined > 0:  # on the refined poses Θ*
+                loss = loss + core.pose_supervision_refined * pose_free.refined_pose_loss(out, batch)
             if lpips_module is not None:
                 loss = loss + float(cfg.loss.lpips) * lpips_distance(lpips_module, out.render, target).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -392,6 +394,8 @@ def train(cfg: DictConfig) -> dict:
             optimizer.step()
             scheduler.step()
             rec = _step_log(done, loss.item(), out, batch, time.perf_counter() - t0, layer is not None)
+            if is_pose_free:
+                rec.update(pose_free.pose_errors_deg(out, batch))
             if "pcg_failures" in rec:
                 failures[0] += rec["pcg_failures"]
                 failures[1] += int(out.info.backward.status.numel())
