@@ -271,3 +271,182 @@ def test_for_one_key_looks_up_inputs_of_another_key():
         torch.testing.assert_close(bound(a, b), (a * b).sum(dim=1))
         at = torch.randn(n, batch, generator=g, dtype=torch.float64).to(dtype).t()  # strides
         torch.testing.assert_close(bound(at, b), (at * b).sum(dim=1))
+
+
+# Several iterations per compiled call (``PCG(steps_per_call=m)``, ``product_step(operator,
+# m)``): between two host checks and short of a residual replacement. Check every 5,
+# replace every 7, up to 5 per call: calls of 2 to 5 iterations, single steps, and
+# replacements all occur within the first 35 iterations.
+CHUNKED = {"check_every": 5, "recompute_every": 7, "steps_per_call": 5}
+
+
+def counting_chunks(mp):
+    """Counts (by length) the calls of multi-step compiled functions that ran."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    original = compiled.CompiledVectorOps.product_step
+
+    def product_step(self, operator, steps=1):
+        fn = original(self, operator, steps)
+        if fn is None or steps == 1:
+            return fn
+
+        def counted(*args):
+            counts[steps] += 1
+            return fn(*args)
+
+        return counted
+
+    mp.setattr(compiled.CompiledVectorOps, "product_step", product_step)
+    return counts
+
+
+def solve_three(a, b, shape, positive_definite=True, **kwargs):
+    """torch, compiled one step per call, compiled ``CHUNKED`` (kwargs override it); the
+    counts of the chunked solve's multi-step calls."""
+    settings_ = {**CHUNKED, **kwargs}
+    out = []
+    with pytest.MonkeyPatch.context() as mp:
+        counts = counting_chunks(mp)
+        for backend, steps in (("torch", 1), ("compiled", 1), ("compiled", None)):
+            operator = GraphOperator(a, shape, positive_definite)
+            kw = {**settings_, "steps_per_call": steps or settings_["steps_per_call"]}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", LinearSolveWarning)
+                out.append(PCG(backend=backend, **kw).solve(operator, b))
+            if steps == 1:
+                assert not counts  # one step per call: no multi-step function ran
+    return (*out, counts)
+
+
+def assert_same_iterations(single, chunked):
+    """The chunked solve made the single-step solve's iterations: same statuses, counts,
+    iterates (the same compiled arithmetic per step)."""
+    assert chunked.status.tolist() == single.status.tolist()
+    assert chunked.iterations.tolist() == single.iterations.tolist()
+    torch.testing.assert_close(chunked.solution, single.solution, rtol=0, atol=0,
+                               equal_nan=True)
+    torch.testing.assert_close(chunked.relative_residual, single.relative_residual, rtol=0,
+                               atol=0, equal_nan=True)
+
+
+@settings(max_examples=8, deadline=None)  # the compiled code is shared across examples
+@given(shape=st.sampled_from(SHAPES), log_cond=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**31 - 1), preconditioner=st.sampled_from(["jacobi", "identity"]),
+       rtol_scale=st.sampled_from([1.0, 1e3]))
+def test_several_steps_per_call_equal_single_steps_and_torch_backend(
+        shape, log_cond, seed, preconditioner, rtol_scale):
+    a, b = system(shape, log_cond, seed)
+    rtol = RTOL[a.dtype] * rtol_scale
+    eager, single, chunked, counts = solve_three(
+        a, b, shape, rtol=rtol, max_iter=20 * shape[1] + 50, on_failure="warn",
+        preconditioner=preconditioner)
+    assert_same_iterations(single, chunked)
+    assert chunked.status.tolist() == eager.status.tolist() == [Status.CONVERGED] * shape[0]
+    assert_agree(a, eager, chunked, rtol)
+    # Multi-step calls ran (the first call runs iterations 1-5), never across a host check
+    # or a replacement: none longer than the settings allow.
+    assert counts[5] >= 1 and max(counts) <= CHUNKED["steps_per_call"]
+
+
+def test_several_steps_per_call_iterations_equal_torch_backend():
+    """κ = 10, float64: the iteration counts are the torch backend's exactly."""
+    a = random_spd(3, 20, 10.0, seed=3)
+    b = torch.randn(3, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    eager, single, chunked, counts = solve_three(a, b, SHAPES[0], rtol=1e-10,
+                                                 on_failure="raise")
+    assert_same_iterations(single, chunked)
+    assert chunked.iterations.tolist() == eager.iterations.tolist()
+    torch.testing.assert_close(chunked.solution, eager.solution, rtol=1e-9, atol=0)
+    assert sum(counts.values()) >= 2
+
+
+def test_several_steps_per_call_stop_at_max_iter():
+    """max_iter = 13 (not a multiple of check_every): the last call runs 11-13 and the
+    solve stops there, as the torch backend's."""
+    a = random_spd(3, 20, 1e5, seed=0)
+    b = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b[1] = 0.0  # converges without iterating
+    eager, single, chunked, counts = solve_three(a, b, SHAPES[0], rtol=1e-12, max_iter=13,
+                                                 on_failure="warn", preconditioner="identity")
+    assert chunked.status.tolist() == eager.status.tolist() == [
+        Status.MAX_ITER_REACHED, Status.CONVERGED, Status.MAX_ITER_REACHED]
+    assert chunked.iterations.tolist() == eager.iterations.tolist() == [13, 0, 13]
+    assert_same_iterations(single, chunked)
+    # 1-5, 7-10 (6 is single; 7 replaces: 8-10), 11-13: lengths 5, 3 (twice: 8-10, 11-13).
+    assert counts == {5: 1, 3: 2}
+
+
+@pytest.mark.parametrize("bad", ["nan_rhs", "nan_operator", "negative"])
+def test_several_steps_per_call_statuses_as_torch_backend(bad):
+    """A non-finite right-hand side or product (NON_FINITE_INPUT) and a negative definite
+    element (BREAKDOWN) stop that element only, as with the torch backend and single
+    steps; the other elements converge with the same iterations."""
+    a, b = system(SHAPES[0], 0.5, seed=11)
+    if bad == "nan_rhs":
+        b[1, 3] = float("nan")
+    elif bad == "nan_operator":
+        a[1, 0, 0] = float("nan")
+    else:
+        a[1] = -a[1]
+    eager, single, chunked, counts = solve_three(a, b, SHAPES[0], positive_definite=False,
+                                                 rtol=1e-10, on_failure="warn")
+    expected = Status.BREAKDOWN if bad == "negative" else Status.NON_FINITE_INPUT
+    assert chunked.status.tolist() == eager.status.tolist() == [
+        Status.CONVERGED, expected, Status.CONVERGED]
+    assert chunked.iterations[1] == eager.iterations[1] == 0
+    assert_same_iterations(single, chunked)
+    assert_agree(a, eager, chunked, 1e-10, rows=[0, 2])
+    assert sum(counts.values()) >= 2
+
+
+def test_best_iterate_policy_runs_single_steps():
+    """on_failure="best" tracks the best iterate after every iteration: the loop runs one
+    step per call whatever steps_per_call says, and returns the torch backend's result."""
+    a = random_spd(3, 20, 1e5, seed=0)
+    b = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # max_iter = 3: one call of 3 iterations, were the best iterate not tracked.
+    eager, single, chunked, counts = solve_three(a, b, SHAPES[0], rtol=1e-10, max_iter=3,
+                                                 on_failure="best", preconditioner="identity")
+    assert chunked.status.tolist() == [Status.MAX_ITER_REACHED] * 3
+    assert not counts
+    assert_same_iterations(single, chunked)
+    assert chunked.status.tolist() == eager.status.tolist()
+    torch.testing.assert_close(chunked.solution, eager.solution, rtol=1e-9, atol=1e-12)
+
+
+def test_chunk_lengths_never_span_a_check_or_a_replacement():
+    """``pcg._chunk_length`` over every loop position of small settings: the passes tile
+    1 … max_iter, each multi-iteration pass ends at or before the next host check and
+    holds no replacement iteration, and each is as long as those limits allow."""
+    from difftto.solvers.pcg import _chunk_length
+
+    for check_every in range(1, 8):
+        for recompute_every in range(1, 9):
+            for most in range(1, 7):
+                for max_iter in (1, 5, 13, 24):
+                    k, covered = 0, []
+                    while k < max_iter:
+                        m = _chunk_length(k, max_iter, check_every, recompute_every, most)
+                        run = list(range(k + 1, k + max(m, 1) + 1))
+                        if m == 0:
+                            assert (k + 1) % recompute_every == 0
+                        else:
+                            assert m <= most
+                            assert not any(i % recompute_every == 0 for i in run)
+                            assert not any(i % check_every == 0 for i in run[:-1])
+                            assert run[-1] <= max_iter
+                            # As long as allowed: the next iteration is a check's
+                            # successor, a replacement, past max_iter, or past ``most``.
+                            nxt = run[-1] + 1
+                            assert (m == most or run[-1] % check_every == 0
+                                    or nxt % recompute_every == 0 or run[-1] == max_iter)
+                        covered += run
+                        k = run[-1]
+                    assert covered == list(range(1, max_iter + 1))
+
+
+def test_steps_per_call_must_be_positive():
+    with pytest.raises(ValueError, match="steps_per_call"):
+        PCG(steps_per_call=0)
