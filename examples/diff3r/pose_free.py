@@ -68,6 +68,8 @@ __all__ = [
     "build_layer",
     "constant_lam",
     "context_data",
+    "cross_view_inverse_depth",
+    "depth_agreement_loss",
     "first_view_frame",
     "gaussians_only",
     "world_theta",
@@ -194,6 +196,9 @@ class PoseFreeModel(nn.Module):
             asks for a TTO whose optimum has the right poses.
         pose_supervision_refined_rotation: that term's weight on the rotation entries
             (default: ``pose_supervision_rotation``).
+        depth_agreement: weight of an optional training term on the predicted depths,
+            their cross-view agreement under the true relative context poses
+            (:func:`depth_agreement_loss`, read by ``train.py`` in every mode; 0: off).
         pose_estimator: ``"head"``: the pose head's twist; ``"procrustes"``: a cross-view
             point-map head predicts, for each pixel of view ``v``, its 3D point in the
             first view's frame and a weight, and the weighted Procrustes
@@ -229,6 +234,7 @@ class PoseFreeModel(nn.Module):
         pose_supervision_rotation: float = 1.0,
         pose_supervision_refined: float = 0.0,
         pose_supervision_refined_rotation: float | None = None,
+        depth_agreement: float = 0.0,
         pose_estimator: str = "head",
         pose_lam: str = "camera",
         lam_pose_rotation: float | None = None,
@@ -260,6 +266,7 @@ class PoseFreeModel(nn.Module):
             pose_supervision_refined_rotation = self.pose_supervision_rotation
         self.pose_supervision_refined_rotation = _non_negative("pose_supervision_refined_rotation",
                                                                pose_supervision_refined_rotation)
+        self.depth_agreement = _non_negative("depth_agreement", depth_agreement)
         self.register_buffer("lam_init", torch.tensor(values), persistent=False)
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
                              persistent=False)
@@ -520,6 +527,75 @@ def pose_errors_deg(out: PoseFreePipelineOutput, batch: Mapping[str, Tensor]) ->
             rec[f"rot_err_deg_{name}"] = float(rot.mean())
             rec[f"trans_err_deg_{name}"] = float(trans.mean())
     return rec
+
+
+def cross_view_inverse_depth(depth_src: Tensor, K_src: Tensor, K_dst: Tensor, dst_from_src: Tensor,
+                             depth_dst: Tensor) -> tuple[Tensor, Tensor]:
+    """How a source view's depth map agrees with a destination view's under a relative
+    pose: each source pixel center ``p`` is back-projected with its depth,
+    ``X = depth_src(p) · K_src⁻¹ p̃``, moved into the destination camera,
+    ``Y = R X + t`` (``dst_from_src = [R t; 0 1]``), and projected there, ``p' =
+    π(K_dst Y)``; the destination's inverse depth, bilinear at ``p'``, is compared with
+    ``1/Y_z``. (Inverse depth: for a plane it is affine in the pixel, so its bilinear
+    interpolation between pixel centers is exact.)
+
+    Args:
+        depth_src, depth_dst: z-depths ``[B, H, W]`` (> 0), pixel ``(i, j)``'s center at
+            ``(j + ½, i + ½)``.
+        K_src, K_dst: pixel intrinsics ``[B, 3, 3]``.
+        dst_from_src: ``[B, 4, 4]``, source camera → destination camera.
+
+    Returns:
+        ``(residual, valid)``, both ``[B, H, W]``: ``1/Y_z − depth_dst⁻¹(p')`` and a
+        mask (float) of the source pixels in front of the destination camera whose
+        ``p'`` lies between the destination's outer pixel centers; the residual is 0
+        where invalid.
+    """
+    B, H, W = depth_src.shape
+    v, u = torch.meshgrid(torch.arange(H, dtype=depth_src.dtype, device=depth_src.device) + 0.5,
+                          torch.arange(W, dtype=depth_src.dtype, device=depth_src.device) + 0.5, indexing="ij")
+    pix = torch.stack([u, v, torch.ones_like(u)], dim=-1).reshape(1, H * W, 3)
+    rays = pix @ torch.linalg.inv(K_src).transpose(-1, -2)  # [B, HW, 3], z = 1
+    X = rays * depth_src.reshape(B, H * W, 1)
+    Y = X @ dst_from_src[:, :3, :3].transpose(-1, -2) + dst_from_src[:, None, :3, 3]
+    z = Y[..., 2]
+    in_front = z > 1e-6
+    proj = Y @ K_dst.transpose(-1, -2)
+    uv = proj[..., :2] / torch.where(in_front, z, torch.ones_like(z))[..., None]
+    inside = (in_front & (uv[..., 0] >= 0.5) & (uv[..., 0] <= W - 0.5)
+              & (uv[..., 1] >= 0.5) & (uv[..., 1] <= H - 0.5))
+    # grid_sample, align_corners=False: normalized x = 2u/W − 1 puts pixel centers at u = j + ½.
+    grid = torch.stack([2 * uv[..., 0] / W - 1, 2 * uv[..., 1] / H - 1], dim=-1).reshape(B, 1, H * W, 2)
+    grid = torch.where(inside.reshape(B, 1, H * W, 1), grid, torch.zeros_like(grid))
+    sampled = F.grid_sample((1.0 / depth_dst)[:, None], grid, mode="bilinear", padding_mode="border",
+                            align_corners=False).reshape(B, H * W)
+    inv_z = 1.0 / torch.where(in_front, z, torch.ones_like(z))
+    valid = inside.to(depth_src.dtype)
+    return ((inv_z - sampled) * valid).reshape(B, H, W), valid.reshape(B, H, W)
+
+
+def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> Tensor:
+    """Cross-view agreement of the predicted depths under the *true* relative context
+    poses (training only): for every ordered pair of context views ``(s, d)``,
+    :func:`cross_view_inverse_depth` of view ``s``'s predicted depth moved into view
+    ``d``; the mean squared inverse-depth residual over the valid pixels, scaled by
+    ``near²`` (dimensionless). A scalar; 0 when no pixel of any pair is valid."""
+    depth = pred.depth
+    B, V, H, W = depth.shape
+    imgs = batch["context_images"]
+    K = batch["context_intrinsics"] * imgs.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)  # [B, V, 3, 3]
+    w2c = _invert(batch["context_extrinsics"])  # first view's frame
+    c2w = batch["context_extrinsics"]
+    near = batch["context_near"]
+    total, count = depth.new_zeros(()), depth.new_zeros(())
+    for s in range(V):
+        for d in range(V):
+            if s == d:
+                continue
+            res, valid = cross_view_inverse_depth(depth[:, s], K[:, s], K[:, d], w2c[:, d] @ c2w[:, s], depth[:, d])
+            total = total + ((res * near[:, d, None, None]) ** 2).sum()
+            count = count + valid.sum()
+    return total / count.clamp_min(1.0)
 
 
 def gaussians_only(theta: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -364,6 +364,8 @@ def train(cfg: DictConfig) -> dict:
                 loss = loss + float(cfg.model.pose_supervision) * pose_free.pose_loss(out.prediction, batch)
             if is_pose_free and layer is not None and core.pose_supervision_refined > 0:  # on the refined poses Θ*
                 loss = loss + core.pose_supervision_refined * pose_free.refined_pose_loss(out, batch)
+            if is_pose_free and core.depth_agreement > 0:  # predicted depths agree across the true poses
+                loss = loss + core.depth_agreement * pose_free.depth_agreement_loss(out.prediction, batch)
             if lpips_module is not None:
                 loss = loss + float(cfg.loss.lpips) * lpips_distance(lpips_module, out.render, target).mean()
             optimizer.zero_grad(set_to_none=True)

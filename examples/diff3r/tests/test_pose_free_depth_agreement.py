@@ -1,0 +1,157 @@
+"""Cross-view depth agreement of the pose-free model's depths
+(``pose_free.cross_view_inverse_depth``, ``model.depth_agreement``): against the
+closed form of a plane seen by two cameras, against finite differences, and its
+training term."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import default_collate
+
+from difftto.problems.splatting.se3 import se3_exp
+from examples.diff3r import pose_free
+from examples.diff3r.data import RE10KDataset
+from examples.diff3r.testing import TINY_SIZE, tiny_dataset, tiny_overrides
+from examples.diff3r.train import build_model, compose_config, train
+
+H, W = 10, 12
+
+
+def _K(f: float, cx: float, cy: float) -> torch.Tensor:
+    return torch.tensor([[f, 0.0, cx], [0.0, f, cy], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def _plane_depth(K: torch.Tensor, cam_to_ref: torch.Tensor, n: torch.Tensor, d: float, h: int = H,
+                 w: int = W) -> torch.Tensor:
+    """Closed form: the z-depth ``[h, w]`` at each pixel center of the camera
+    ``cam_to_ref = [R t]`` (camera → reference frame) of the plane ``n·X = d`` (reference
+    frame): along the ray ``r = K⁻¹p̃`` (z = 1), ``n·(s R r + t) = d``, so
+    ``s = (d − n·t)/(n·R r)``."""
+    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5,
+                          indexing="ij")
+    rays = torch.stack([u, v, torch.ones_like(u)], dim=-1) @ torch.linalg.inv(K).T
+    R, t = cam_to_ref[:3, :3], cam_to_ref[:3, 3]
+    return (d - n @ t) / (rays @ R.T @ n)
+
+
+_small = st.floats(-1.0, 1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(nx=st.floats(-0.3, 0.3), ny=st.floats(-0.3, 0.3), d=st.floats(3.0, 8.0), f=st.floats(8.0, 14.0),
+       w=st.tuples(_small, _small, _small), t=st.tuples(_small, _small, _small))
+def test_a_plane_agrees_at_the_true_pose_against_its_closed_form(nx, ny, d, f, w, t):
+    """Two cameras see the plane ``n·X = d``; their depth maps are the closed form. At
+    the true relative pose the residual vanishes on every valid pixel (bilinear inverse
+    depth is exact on a plane), and the valid pixels are those whose exact projection
+    lies between the destination's pixel centers."""
+    n = torch.tensor([nx, ny, 1.0], dtype=torch.float64)
+    n = n / n.norm()
+    xi = torch.tensor([0.2 * t[0], 0.2 * t[1], 0.1 * t[2], 0.05 * w[0], 0.05 * w[1], 0.05 * w[2]],
+                      dtype=torch.float64)
+    src_to_ref = se3_exp(xi)  # the destination is the reference frame
+    K_src, K_dst = _K(f, W / 2, H / 2), _K(f * 1.1, W / 2 + 0.3, H / 2 - 0.2)
+    depth_src = _plane_depth(K_src, src_to_ref, n, d)
+    depth_dst = _plane_depth(K_dst, torch.eye(4, dtype=torch.float64), n, d)
+    assert bool((depth_src > 0).all()) and bool((depth_dst > 0).all())
+    res, valid = pose_free.cross_view_inverse_depth(depth_src[None], K_src[None], K_dst[None], src_to_ref[None],
+                                                    depth_dst[None])
+    assert float(valid.sum()) > 0.3 * H * W  # a small relative pose: most pixels project inside
+    torch.testing.assert_close(res, torch.zeros_like(res), atol=1e-10, rtol=0)
+    # The mask, from the exact projection of each source pixel's plane point.
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
+                          indexing="ij")
+    X = (torch.stack([u, v, torch.ones_like(u)], dim=-1) @ torch.linalg.inv(K_src).T) * depth_src[..., None]
+    Y = X @ src_to_ref[:3, :3].T + src_to_ref[:3, 3]
+    uv = (Y @ K_dst.T)[..., :2] / Y[..., 2:]
+    margin = torch.minimum((uv - 0.5).amin(-1), torch.stack([W - 0.5 - uv[..., 0], H - 0.5 - uv[..., 1]], -1).amin(-1))
+    clear = margin.abs() > 1e-9  # away from the boundary, where rounding decides
+    assert bool(((margin[clear] >= 0).double() == valid[0][clear]).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(scale=st.floats(1.05, 1.5), nx=st.floats(-0.3, 0.3), d=st.floats(3.0, 8.0))
+def test_a_wrong_depth_does_not_agree(scale, nx, d):
+    """The destination's depth scaled by ``scale``: on each valid pixel the residual is
+    ``1/z − 1/(scale·z)`` of the exact depth, so ``(1 − 1/scale)/z``."""
+    n = torch.tensor([nx, 0.0, 1.0], dtype=torch.float64)
+    n = n / n.norm()
+    src_to_ref = se3_exp(torch.tensor([0.1, 0.0, 0.0, 0.0, 0.02, 0.0], dtype=torch.float64))
+    K = _K(10.0, W / 2, H / 2)
+    depth_src = _plane_depth(K, src_to_ref, n, d)
+    depth_dst = _plane_depth(K, torch.eye(4, dtype=torch.float64), n, d)
+    res, valid = pose_free.cross_view_inverse_depth(depth_src[None], K[None], K[None], src_to_ref[None],
+                                                    scale * depth_dst[None])
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
+                          indexing="ij")
+    X = (torch.stack([u, v, torch.ones_like(u)], dim=-1) @ torch.linalg.inv(K).T) * depth_src[..., None]
+    z = (X @ src_to_ref[:3, :3].T + src_to_ref[:3, 3])[..., 2]
+    expected = (1 - 1 / scale) / z * valid[0]
+    assert float(valid.sum()) > 0
+    torch.testing.assert_close(res[0], expected, atol=1e-10, rtol=0)
+
+
+def test_gradient_against_finite_differences():
+    """``gradcheck`` (float64) w.r.t. both depth maps and the relative pose's matrix, on
+    generic depths whose projections stay clear of the bilinear kinks and the mask edge."""
+    torch.manual_seed(0)
+    K = _K(10.0, W / 2, H / 2)[None]
+    T = se3_exp(torch.tensor([[0.13, 0.05, 0.02, 0.01, 0.03, -0.02]], dtype=torch.float64))
+    depth_src = (4.0 + 0.5 * torch.rand(1, H, W, dtype=torch.float64)).requires_grad_()
+    depth_dst = (4.0 + 0.5 * torch.rand(1, H, W, dtype=torch.float64)).requires_grad_()
+    T = T.clone().requires_grad_()
+
+    def f(a, b, m):
+        return pose_free.cross_view_inverse_depth(a, K, K, m, b)[0]
+
+    assert torch.autograd.gradcheck(f, (depth_src, depth_dst, T), eps=1e-7, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("tiny_pose_free_depth") / "data")
+
+
+def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwise(root):
+    """On a tiny batch: the model's depths give a positive loss; depths of one plane in
+    the first view's frame, computed for each context camera by the closed form, give 0;
+    the loss reaches the depth head."""
+    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
+    batch = pose_free.first_view_frame(default_collate([ds[0]]))
+    torch.manual_seed(0)
+    model = pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8)
+    pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+    loss = pose_free.depth_agreement_loss(pred, batch)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    assert float(model.head[-1].weight.grad[model._slices()["depth"]].abs().sum()) > 0
+    K = (batch["context_intrinsics"][0] * torch.tensor([float(TINY_SIZE), float(TINY_SIZE), 1.0])[:, None]).double()
+    n = torch.tensor([0.1, -0.05, 1.0], dtype=torch.float64)
+    n = n / n.norm()
+    planes = torch.stack([_plane_depth(K[v], batch["context_extrinsics"][0, v].double(), n, 6.0, TINY_SIZE, TINY_SIZE)
+                          for v in range(K.shape[0])])
+    plane = pose_free.PoseFreeOutput(pred.theta, pred.lam, planes[None].float())
+    assert float(pose_free.depth_agreement_loss(plane, batch)) < 1e-8
+    far_second = planes[None] * torch.tensor([1.0, 1.2], dtype=torch.float64).reshape(1, 2, 1, 1)
+    shifted = pose_free.PoseFreeOutput(pred.theta, pred.lam, far_second.float())  # view 1's depths 20% too far
+    assert float(pose_free.depth_agreement_loss(shifted, batch)) > 1e-4
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_config_rejects_a_bad_depth_agreement_weight(value):
+    with pytest.raises(ValueError, match=rf"depth_agreement: expected a finite number >= 0, got {value!r}"):
+        build_model(compose_config(["model=pose_free", f"model.depth_agreement={value}"]).model)
+    assert pose_free.PoseFreeModel().depth_agreement == 0.0
+
+
+def test_training_adds_the_term_in_zero_shot(root, tmp_path):
+    def run(name, extra):
+        base = [o for o in tiny_overrides(root, tmp_path / name, "zero_shot") if not o.startswith("model.")]
+        return train(compose_config(base + ["model=pose_free", "model.feature_channels=8", "model.hidden_channels=8",
+                                            *extra]))
+
+    off, on = run("off", []), run("on", ["model.depth_agreement=100"])
+    assert math.isfinite(on["last"]["loss"]) and on["last"]["loss"] > off["last"]["loss"]
