@@ -2,8 +2,9 @@
 
 One SPD system per batch element: ``A_b x_b = b_b``. Each element has its own step
 sizes, convergence flag and iteration count; converged elements stop changing.
-The loop never synchronises with the host per iteration: convergence is tracked
-on the device and looked at every ``check_every`` iterations.
+Off the CPU the loop never synchronises with the host per iteration: convergence is
+tracked on the device and looked at every ``check_every`` iterations (on the CPU, where
+a look waits on nothing, every iteration by default).
 
 Two departures from the textbook, both for float32 robustness:
 
@@ -124,17 +125,21 @@ class PCG:
             ``"block_jacobi"`` (the same), ``"jacobi"`` (from ``operator.diagonal()``;
             identity where the operator knows no diagonal), ``"identity"``, or a
             :class:`Preconditioner`. See :func:`~difftto.solvers.preconditioners.make_preconditioner`.
-        check_every: iterations between host-side checks for early exit.
+        check_every: iterations between host-side checks for early exit (``None``, the
+            default: every iteration for CPU tensors, where the look costs a few µs and
+            waits on nothing, 10 elsewhere). Elements that converged stop changing, so a
+            longer interval only runs up to ``check_every − 1`` idle iterations after the
+            last element converged (same results, their passes wasted).
         recompute_every: iterations between true-residual replacements.
         steps_per_call: with ``backend="compiled"`` and an operator that gives its product
             as a graph, the most iterations one compiled call runs (default 1). A call never
-            spans a host check or a residual replacement, and runs the same iterations as
-            single steps (an element that stopped changes no more); with
-            ``on_failure="best"`` (the best iterate is tracked every iteration) it is 1.
-            Each length compiles once (~1 s per step in the call). More than one saves the
-            per-call cost (a few % at n = 10⁴) but, as inductor keeps every step's
-            intermediates alive for the whole call, it is slower from n ~ 10⁵ (see
-            benchmarks/README.md).
+            spans a host check (so it needs ``check_every`` > 1) or a residual replacement,
+            and runs the same iterations as single steps (an element that stopped changes
+            no more); with ``on_failure="best"`` (the best iterate is tracked every
+            iteration) it is 1. Each length compiles once (~1 s per step in the call). More
+            than one saves the per-call cost (a few % at n = 10⁴) but, as inductor keeps
+            every step's intermediates alive for the whole call, it is slower from n ~ 10⁵
+            (see benchmarks/README.md).
         on_failure: ``"raise"``, ``"warn"``, ``"zero"`` or ``"best"`` (see
             :func:`~difftto.solvers.result.apply_failure_policy`).
         backend: ``"auto"`` (fused CuPy kernels on CUDA tensors when cupy imports,
@@ -155,7 +160,7 @@ class PCG:
     atol: float = 0.0
     max_iter: int | None = None
     preconditioner: str | Preconditioner | None = "auto"
-    check_every: int = 10
+    check_every: int | None = None
     recompute_every: int = 50
     on_failure: str = "warn"
     backend: str = "auto"
@@ -166,7 +171,7 @@ class PCG:
             raise ValueError(f"rtol and atol must be >= 0, got rtol={self.rtol}, atol={self.atol}")
         if self.max_iter is not None and self.max_iter < 0:
             raise ValueError(f"max_iter must be >= 0 or None, got {self.max_iter}")
-        if self.check_every < 1 or self.recompute_every < 1:
+        if (self.check_every is not None and self.check_every < 1) or self.recompute_every < 1:
             raise ValueError(
                 f"check_every and recompute_every must be >= 1, got {self.check_every}, "
                 f"{self.recompute_every}"
@@ -222,9 +227,12 @@ class PCG:
         ops = _vector_ops(self.backend, b)
         batch, n = operator.shape
         max_iter = default_max_iter(n) if self.max_iter is None else self.max_iter
+        check_every = self.check_every
+        if check_every is None:
+            check_every = 1 if b.device.type == "cpu" else 10
         result, best, best_rel = _pcg_loop(
             operator, b, x0, precond, ops, max_iter, self.rtol, self.atol,
-            self.check_every, self.recompute_every, track_best=(policy == "best"),
+            check_every, self.recompute_every, track_best=(policy == "best"),
             steps_per_call=self.steps_per_call,
         )
         return apply_failure_policy(result, policy, best=best, best_relative_residual=best_rel,

@@ -569,3 +569,38 @@ def test_non_finite_operator_output_at_each_stage(where):
     with pytest.warns(LinearSolveWarning, match="NON_FINITE_INPUT"):
         out = solver.solve(op, b, x0=torch.zeros_like(b))
     assert out.status.tolist() == [Status.NON_FINITE_INPUT, Status.CONVERGED]
+
+
+class CountingOperator(FunctionOperator):
+    """Dense ``a`` that counts its products (one per iteration, plus the checks')."""
+
+    def __init__(self, a):
+        super().__init__(lambda v: (a @ v[..., None])[..., 0], tuple(a.shape[:2]), a.dtype,
+                         diagonal=a.diagonal(dim1=-2, dim2=-1).clone(), symmetric=True,
+                         positive_definite=True)
+        self.calls = 0
+
+    def mv(self, v):
+        self.calls += 1
+        return super().mv(v)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_default_check_interval_on_cpu_is_every_iteration(seed):
+    """On the CPU the default looks after every iteration: the same result as looking
+    every 10 (elements that converged stop changing), and no idle iterations after the
+    last element converged."""
+    a = random_spd(3, 30, 1e3, seed=seed)
+    b = torch.randn(3, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    every, tenth = CountingOperator(a), CountingOperator(a)
+    got = PCG(rtol=1e-8, on_failure="raise").solve(every, b)
+    ref = PCG(rtol=1e-8, check_every=10, on_failure="raise").solve(tenth, b)
+    assert got.status.tolist() == ref.status.tolist()
+    assert got.iterations.tolist() == ref.iterations.tolist()
+    torch.testing.assert_close(got.solution, ref.solution, rtol=0, atol=0)
+    # Products: one per iteration run, one per residual replacement (every 50), the
+    # convergence check's and the final residual's.
+    last = int(got.iterations.max())
+    ran = -(-last // 10) * 10  # looking every 10: up to the next multiple of 10
+    assert every.calls == last + last // 50 + 2
+    assert tenth.calls == ran + ran // 50 + 2
