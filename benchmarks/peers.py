@@ -152,17 +152,22 @@ def _interleaved(case: dict, make_go, problem: str, n: int) -> dict:
         gos[m] = make_go(m)
         first[m] = round(time.perf_counter() - start, 3)
     times: dict[str, list[float]] = {m: [] for m in methods}
+    # Process CPU time / wall time of each whole call (set-up included): ~1 for one core.
+    cores: dict[str, list[float]] = {m: [] for m in methods}
     grads = {}
     for k in range(case["rounds"]):
         order = methods[k % len(methods):] + methods[:k % len(methods)]
         for m in order:
+            wall, cpu = time.perf_counter(), time.process_time()
             grad, seconds, _ = gos[m]()
+            cores[m].append((time.process_time() - cpu) / (time.perf_counter() - wall))
             times[m].append(seconds)
             grads[m] = grad
     base = methods[0]
     out = {"problem": problem, "n": n, "interleaved": methods, "rounds": case["rounds"],
            "median_s": {m: round(statistics.median(t), 4) for m, t in times.items()},
            "setup_and_first_call_s": first,
+           "cpu_per_wall": {m: round(statistics.median(c), 2) for m, c in cores.items()},
            "median_ratio_to_" + base: {
                m: round(statistics.median(a / b for a, b in zip(times[m], times[base])), 3)
                for m in methods},
@@ -399,6 +404,12 @@ def main() -> None:
     parser.add_argument("--problems", default="ridge,nls")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cpus", default="",
+                        help="comma-separated CPUs each case process is pinned to (default: the "
+                             "first --threads of those this process may use; 'none': no "
+                             "pinning). torch runs --threads threads, but XLA (JAXopt) sizes "
+                             "its own thread pool by the machine: pinned, every method gets "
+                             "the same cores")
     parser.add_argument("--interleave", default="",
                         help="comma-separated methods to time in one process per (problem, n), "
                              "in turns (ratios that a loaded machine's drift cannot bias; no "
@@ -448,7 +459,7 @@ def main() -> None:
                                 [sys.executable, __file__, "--case",
                                  json.dumps(case | {"repeats": repeats})],
                                 capture_output=True, text=True, env=env,
-                                timeout=args.case_timeout)
+                                timeout=args.case_timeout, preexec_fn=_pin(args))
                         except subprocess.TimeoutExpired:
                             reason = f"over the {args.case_timeout:.0f} s per-case cap"
                             timed_out.add((problem, method))
@@ -478,6 +489,7 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - a missing peer is reported in the table
             pass
     lines = [f"## peers ({time.strftime('%Y-%m-%d')}, commit {commit}, {args.threads} thread(s), "
+             f"{_pinned_to(args)}, "
              f"{', '.join(versions)}, `{' '.join(sys.argv[1:]) or '(defaults)'}`)", "",
              "| problem | n | method | gradient time (s) | forward (s) | peak memory (MB) "
              "| max rel. diff vs difftto | notes |", "|---|---:|---|---:|---:|---:|---:|---|"]
@@ -509,6 +521,29 @@ def main() -> None:
     print(json.dumps({"written": [str(out.with_suffix(".md")), str(out.with_suffix(".jsonl"))]}))
 
 
+def _cpus(args) -> list[int] | None:
+    """The CPUs case processes are pinned to (``--cpus``), ``None`` for no pinning."""
+    if args.cpus == "none" or not hasattr(os, "sched_setaffinity"):
+        return None
+    if args.cpus:
+        return [int(c) for c in args.cpus.split(",")]
+    return sorted(os.sched_getaffinity(0))[:args.threads]
+
+
+def _pin(args):
+    """A ``preexec_fn`` pinning the case process (all its threads: set before exec) to
+    :func:`_cpus`, or ``None``."""
+    cpus = _cpus(args)
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _pinned_to(args) -> str:
+    cpus = _cpus(args)
+    return "not pinned" if cpus is None else f"pinned to CPU {','.join(map(str, cpus))}"
+
+
 def write_records(out: Path, records: list[dict]) -> str:
     """Writes ``records`` as JSON lines to ``<out>.jsonl``; returns the short commit hash."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -533,7 +568,7 @@ def interleaved(args, sizes: list[int], cache: str) -> None:
                 try:
                     done = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
                                           capture_output=True, text=True, env=env,
-                                          timeout=args.case_timeout)
+                                          timeout=args.case_timeout, preexec_fn=_pin(args))
                 except subprocess.TimeoutExpired:
                     record = {"problem": problem, "n": n, "skipped": f"over {args.case_timeout:.0f} s"}
                 else:
@@ -547,7 +582,7 @@ def interleaved(args, sizes: list[int], cache: str) -> None:
     out = Path(args.out + "_interleaved")
     commit = write_records(out, records)
     base = methods[0]
-    lines = [f"## peers, interleaved ({time.strftime('%Y-%m-%d')}, commit {commit}, "
+    lines = [f"## peers, interleaved ({time.strftime('%Y-%m-%d')}, commit {commit}, {_pinned_to(args)}, "
              f"{args.threads} thread(s), `{' '.join(sys.argv[1:])}`)", "",
              f"Median gradient time over {args.rounds} turns per method, all in one process per "
              f"(problem, n), called in rotating order; ratio = the median over turns of "
@@ -565,6 +600,13 @@ def interleaved(args, sizes: list[int], cache: str) -> None:
     for r in records:
         if "setup_and_first_call_s" in r:
             cells = [f"{r['setup_and_first_call_s'][m]:.2f}" for m in methods]
+            lines.append(f"| {r['problem']} | {r['n']:,} | " + " | ".join(cells) + " |")
+    lines += ["", "Cores used: process CPU time / wall time of each whole call (median; ~1: one "
+              "core).", "", "| problem | n | " + " | ".join(methods) + " |",
+              "|---|---:|" + "---:|" * len(methods)]
+    for r in records:
+        if "cpu_per_wall" in r:
+            cells = [f"{r['cpu_per_wall'][m]:.2f}" for m in methods]
             lines.append(f"| {r['problem']} | {r['n']:,} | " + " | ".join(cells) + " |")
     lines.append("")
     for r in records:
