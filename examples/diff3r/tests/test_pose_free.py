@@ -200,11 +200,18 @@ def test_tto_variants_script_runs_on_a_checkpoint(root, tmp_path):
 
     summary = train(compose_config(_overrides(root, tmp_path / "zs", "zero_shot")))
     means = pose_free_tto_variants.main([str(summary["checkpoint"]), "--max-scenes", "1"])
-    assert len(means) == 8 and all(math.isfinite(v) for m in means.values() for v in m)
+    assert len(means) == 12 and all(math.isfinite(v) for m in means.values() for v in m)
     frozen = means["Adam, poses frozen (pose lr 1e-12)"]
     assert frozen[1] == pytest.approx(frozen[0], abs=1e-3) and frozen[3] == pytest.approx(frozen[2], abs=1e-3)
     from_truth = means["the same, started at the true context poses"]
     assert from_truth[0] < 0.1 and from_truth[2] < 0.5  # degrees: the true poses, up to float32 round trips
+    true_rotation = means["the checkpoint's TTO, started at the true rotations (predicted translations)"]
+    true_translation = means["the checkpoint's TTO, started at the true translations (predicted rotations)"]
+    predicted = means["Adam, pose lr 0.003 (the checkpoint's TTO)"]
+    assert true_rotation[0] < 0.1 and true_rotation[2] == pytest.approx(predicted[2], abs=1e-2)
+    assert true_translation[2] < 0.5 and true_translation[0] == pytest.approx(predicted[0], abs=1e-2)
+    only = pose_free_tto_variants.main([str(summary["checkpoint"]), "--max-scenes", "1", "--only", "frozen"])
+    assert sorted(only) == sorted(name for name in means if "frozen" in name) and len(only) == 3
 
 
 def test_extended_context_adds_non_target_views_inside_then_outside():
