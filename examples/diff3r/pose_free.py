@@ -87,14 +87,16 @@ _HEAD = {"depth": 1, "offset": 2, "scale": 3, "quat": 4, "opacity": 1, "color": 
 _SOFTPLUS_ONE = math.log(math.e - 1.0)
 
 
-def _non_negative(name: str, value: Any) -> float:
-    """``value`` as a finite float ``>= 0``; a ``ValueError`` naming ``name`` and ``value`` otherwise."""
+def _non_negative(name: str, value: Any, positive: bool = False) -> float:
+    """``value`` as a finite float ``>= 0`` (``> 0`` with ``positive``); a ``ValueError``
+    naming ``name`` and ``value`` otherwise."""
+    bound = "> 0" if positive else ">= 0"
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}") from None
-    if not math.isfinite(out) or out < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}") from None
+    if not math.isfinite(out) or out < 0 or (positive and out == 0):
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
     return out
 
 
@@ -185,6 +187,11 @@ class PoseFreeModel(nn.Module):
             scene units, rotation in radians per unit of the raw output).
         tto_pose_lr: the inner Adam/GD learning rate of the pose group (read by
             :func:`build_layer`; kept here because it belongs to this model's θ).
+        tto_pose_translation_unit: the unit of the translation entries of the poses in
+            the layer's θ (:func:`run_pipeline`): θ holds translation / unit, so Adam's
+            per-entry step moves the translation ``unit`` times more and Λ anchors it
+            ``unit²`` times less (1: the twist itself). Θ0 and Θ* are returned in
+            scene units whatever the unit.
         pose_supervision: weight of an optional training term on the predicted context
             poses (:func:`pose_loss`, read by ``train.py``; 0: photometric losses only).
         pose_supervision_rotation: that term's weight on the rotation entries of the
@@ -230,6 +237,7 @@ class PoseFreeModel(nn.Module):
         pose_translation: float = 1.0,
         pose_rotation: float = 0.3,
         tto_pose_lr: float = 3e-3,
+        tto_pose_translation_unit: float = 1.0,
         pose_supervision: float = 0.0,
         pose_supervision_rotation: float = 1.0,
         pose_supervision_refined: float = 0.0,
@@ -259,6 +267,8 @@ class PoseFreeModel(nn.Module):
         self.scale_min, self.scale_max = float(scale_min), float(scale_max)
         self.lam_min = float(lam_min)
         self.tto_pose_lr = float(tto_pose_lr)
+        self.tto_pose_translation_unit = _non_negative("tto_pose_translation_unit", tto_pose_translation_unit,
+                                                       positive=True)
         self.pose_supervision = float(pose_supervision)
         self.pose_supervision_rotation = float(pose_supervision_rotation)
         self.pose_supervision_refined = _non_negative("pose_supervision_refined", pose_supervision_refined)
@@ -446,14 +456,43 @@ def world_theta(theta: Mapping[str, Tensor], gaussian_view: Tensor) -> dict[str,
     return {**problem.world_gaussians(theta, _frame_data(theta["pose"], gaussian_view)), "pose": theta["pose"]}
 
 
-def _layer_for(layer: difftto.ImplicitLayer, attach: str) -> difftto.ImplicitLayer:
-    """``layer`` when its problem's ``attach`` is ``attach``; otherwise a shallow copy
-    of it on ``gaussian_splatting_posed(attach=attach)`` (same backend)."""
+class TranslationScaledProblem(PosedSplattingProblem):
+    """``gaussian_splatting_posed`` whose ``pose`` translation entries are in units of
+    ``translation_unit`` (θ holds translation / unit; the rotation entries as they are):
+    every product (residuals, Jacobians, the raster state) goes through :meth:`render`."""
+
+    def __init__(self, translation_unit: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.translation_unit = float(translation_unit)
+
+    def __repr__(self) -> str:
+        return f"TranslationScaledProblem(translation_unit={self.translation_unit:g}, {super().__repr__()})"
+
+    def render(self, theta, data, *, return_state=False):
+        pose = scale_translation(theta["pose"], self.translation_unit)
+        return super().render({**theta, "pose": pose}, data, return_state=return_state)
+
+
+def scale_translation(pose: Tensor, factor: float) -> Tensor:
+    """Twists ``[..., 6]`` with the translation entries multiplied by ``factor``."""
+    return torch.cat([pose[..., :3] * factor, pose[..., 3:]], dim=-1)
+
+
+def _layer_for(layer: difftto.ImplicitLayer, attach: str, translation_unit: float = 1.0) -> difftto.ImplicitLayer:
+    """``layer`` when its problem's ``attach`` is ``attach`` and its pose translation
+    unit is ``translation_unit``; otherwise a shallow copy of it on
+    ``gaussian_splatting_posed(attach=attach)`` (:class:`TranslationScaledProblem` when
+    the unit is not 1; same backend)."""
     problem = layer.problem
-    if getattr(problem, "attach", "world") == attach:
+    if (getattr(problem, "attach", "world") == attach
+            and getattr(problem, "translation_unit", 1.0) == float(translation_unit)):
         return layer
     out = copy.copy(layer)
-    out.problem = get_problem("gaussian_splatting_posed", backend=getattr(problem, "backend", "auto"), attach=attach)
+    backend = getattr(problem, "backend", "auto")
+    if float(translation_unit) == 1.0:
+        out.problem = get_problem("gaussian_splatting_posed", backend=backend, attach=attach)
+    else:
+        out.problem = TranslationScaledProblem(translation_unit, backend=backend, attach=attach)
     return out
 
 
@@ -655,7 +694,9 @@ def run_pipeline(model: PoseFreeModel, batch: Mapping[str, Tensor], layer: difft
                  *, lam: str | float | Mapping[str, float] = "predicted",
                  context_images: Tensor | None = None) -> PoseFreePipelineOutput:
     """Predict Θ0 (Gaussians and poses) and Λ from the unposed context views, refine
-    both on the context views with ``layer`` (TTO), render the targets.
+    both on the context views with ``layer`` (TTO), render the targets. The layer runs
+    on the model's ``attach`` and ``tto_pose_translation_unit`` (θ's translation entries
+    divided by it; Θ* returned in scene units).
 
     ``batch``'s cameras must be in the first context view's frame
     (:func:`first_view_frame`); the model reads only images, intrinsics and depth
@@ -665,8 +706,14 @@ def run_pipeline(model: PoseFreeModel, batch: Mapping[str, Tensor], layer: difft
     if layer is None:
         return PoseFreePipelineOutput(pred, pred.theta, pred.lam, render_targets(pred.theta, batch), None)
     weights = pred.lam if isinstance(lam, str) and lam == "predicted" else constant_lam(pred, lam)
-    layer = _layer_for(layer, pred.attach)
-    theta_star, info = layer(pred.layer_theta, weights, context_data(pred, batch, images))
+    unit = float(getattr(model, "tto_pose_translation_unit", 1.0))
+    layer = _layer_for(layer, pred.attach, unit)
+    theta0 = pred.layer_theta
+    if unit != 1.0:
+        theta0 = {**theta0, "pose": scale_translation(theta0["pose"], 1.0 / unit)}
+    theta_star, info = layer(theta0, weights, context_data(pred, batch, images))
+    if unit != 1.0:
+        theta_star = {**theta_star, "pose": scale_translation(theta_star["pose"], unit)}
     if pred.attach == "camera":
         theta_star = world_theta(theta_star, pred.gaussian_view)
     return PoseFreePipelineOutput(pred, theta_star, weights, render_targets(theta_star, batch), info)

@@ -171,6 +171,7 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
                        data_root: str | Path | None = None, naive_lam: float = 1e-4, exposure: float = 1.5,
                        exposure_view: int = 1, tto_steps: int | None = None, max_scenes: int | None = None,
                        align_steps: int = 100, align_lr: float = 5e-3, tto_pose_lr: float | None = None,
+                       tto_pose_translation_unit: float | None = None,
                        num_context_views: int | None = None, figure_scenes: int = 4, threads: int = 1) -> dict:
     """Evaluate pose-free checkpoints on the test split's evaluation index; writes
     ``results.json`` and ``results.md`` into ``out_dir`` and returns the results.
@@ -186,6 +187,10 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, ref_state = checkpoint_rows(zero_shot, diff3r, no_uncertainty=no_uncertainty, unrolled=unrolled,
                                       naive_lam=naive_lam)
+    if tto_pose_translation_unit is not None:  # every row's TTO with this unit of the pose translation in θ
+        for r in rows:
+            r.model.tto_pose_translation_unit = pose_free._non_negative(
+                "tto_pose_translation_unit", tto_pose_translation_unit, positive=True)
     for r in rows:
         if not isinstance(r.model, pose_free.PoseFreeModel):
             raise ValueError(f"{r.name}: the checkpoint holds a {type(r.model).__name__}, expected a pose-free "
@@ -224,6 +229,8 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
         "scenes": n, "keys": keys, "num_context_views": int(num_context_views), "context_views": contexts,
         "data_root": str(root), "image_size": list(dataset.image_size),
         "tto": tto_cfg, "tto_pose_lr": pose_lr, "naive_lam": naive_lam,
+        "tto_pose_translation_unit": {r.name: float(getattr(r.model, "tto_pose_translation_unit", 1.0))
+                                      for r in rows},
         "exposure": {"factor": exposure, "view": exposure_view},
         "lpips": {"available": False, "message": "LPIPS not computed for the pose-free rows"},
         "target_alignment": {"steps": align_steps, "lr": align_lr, "optimizer": "adam",
@@ -242,7 +249,9 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
     results["seconds"] = round(time.perf_counter() - started, 1)
     text = (f"Pose-free, held-out scenes: {n} ({dataset.image_size[0]}×{dataset.image_size[1]} px), "
             f"{num_context_views} context views, TTO: "
-            f"{tto_cfg['inner']} {tto_cfg['steps']} steps on Gaussians and context poses (pose lr {pose_lr}); "
+            f"{tto_cfg['inner']} {tto_cfg['steps']} steps on Gaussians and context poses (pose lr {pose_lr}"
+            + "".join(f", {name}: translation in θ in units of {u:g}"
+                      for name, u in results["tto_pose_translation_unit"].items() if u != 1.0) + "); "
             f"naive TTO Λ = {naive_lam}; "
             f"target poses aligned ({align_steps} Adam steps, lr {align_lr}) before scoring.\n\n"
             + markdown_table(results) + "\nContext pose errors (clean inputs):\n\n" + pose_table(results))
@@ -312,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--align-lr", type=float, default=5e-3)
     p.add_argument("--tto-pose-lr", type=float,
                    help="inner learning rate of the poses (default: the training config's)")
+    p.add_argument("--tto-pose-translation-unit", type=float,
+                   help="unit of the pose translation entries in the TTO's θ, for every row (default: each "
+                        "model's model.tto_pose_translation_unit)")
     p.add_argument("--num-context-views", type=int,
                    help="context views per scene (default: the training config's, else 2; views are added to "
                         "the evaluation index's two)")
@@ -324,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      unrolled=a.unrolled, data_root=a.data_root, naive_lam=a.naive_lam,
                                      exposure=a.exposure, exposure_view=a.exposure_view, tto_steps=a.tto_steps,
                                      max_scenes=a.max_scenes, align_steps=a.align_steps, align_lr=a.align_lr,
-                                     tto_pose_lr=a.tto_pose_lr, num_context_views=a.num_context_views,
+                                     tto_pose_lr=a.tto_pose_lr,
+                                     tto_pose_translation_unit=a.tto_pose_translation_unit,
+                                     num_context_views=a.num_context_views,
                                      figure_scenes=a.figure_scenes, threads=a.threads)
     print((Path(a.out) / "results.md").read_text())
     return results
