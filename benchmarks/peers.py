@@ -48,7 +48,9 @@ by inductor) and ``PCG(backend="compiled")`` (PCG's vector work compiled); its c
 happens in the untimed warm-up call, whose time is reported separately. Every
 method gets one untimed warm-up call at the measured n (JAXopt's includes its compile).
 A case past ``--case-timeout`` seconds, or one whose dense matrices would pass
-``--dense-max-mb``, is recorded as skipped with the reason.
+``--dense-max-mb``, is recorded as skipped with the reason. Each case process is pinned to
+``--threads`` CPUs (``--cpus``): torch runs that many threads, and XLA, which sizes its own
+thread pool by the machine, then gets as many cores (unpinned, JAXopt used ~2 at n = 10⁶).
 
     bash benchmarks/setup_peers.sh
     OMP_NUM_THREADS=1 benchmarks/.venv-peers/bin/python benchmarks/peers.py          # ~8 min
