@@ -209,31 +209,22 @@ class CompiledVectorOps:
         # graph -> the iteration with the operator's product compiled in (product_step).
         self._with_product: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def product_step(self, operator, steps: int = 1) -> Callable | None:
-        """``steps`` iterations of ``q = A p`` and :meth:`step` as one compiled call, where
-        ``operator.graph()`` gives the product as a graph: ``f(x, r, p, rz, rr, status,
-        active, iterations, inverse_diagonal, tol2)`` returning what ``step`` returns
-        (``pcg._step`` after ``q = A p``, ``steps`` times over); ``None`` where the
-        operator has no graph. Compiled once per graph, ``steps`` and input key (the graph
-        is kept with its trace, so every linearization point of a problem and shape reuses
-        the code: its constants are inputs).
-
-        Several steps per call (``PCG(steps_per_call=...)``) are the same iterations as
-        as many calls of one step (an element that stopped changes no more, whatever the
-        later steps compute); the loop runs them where no host check and no residual
-        replacement falls between them (``pcg._chunk_length``)."""
+    def product_step(self, operator) -> Callable | None:
+        """``q = A p`` and :meth:`step` as one compiled call, where ``operator.graph()``
+        gives the product as a graph: ``f(x, r, p, rz, rr, status, active, iterations,
+        inverse_diagonal, tol2)`` returning what ``step`` returns (``pcg._step`` after
+        ``q = A p``); ``None`` where the operator has no graph. Compiled once per graph
+        and input key (the graph is kept with its trace, so every linearization point of a
+        problem and shape reuses the code: its constants are inputs)."""
         found = operator.graph()
         if found is None:
             return None
         module, constants = found
-        by_steps = self._with_product.get(module)
-        if by_steps is None:
-            by_steps = self._with_product[module] = {}
-        fused = by_steps.get(steps)
+        fused = self._with_product.get(module)
         if fused is None:
-            what = "PCG step with the operator's product" + (
-                f" ({steps} steps per call)" if steps > 1 else "")
-            fused = by_steps[steps] = CompiledFunction(_steps_with_product(module, steps), what)
+            fused = CompiledFunction(_step_with_product(module),
+                                     "PCG step with the operator's product")
+            self._with_product[module] = fused
 
         call = fused.for_one_key()  # one solve: its loop's inputs keep their key
 
@@ -243,25 +234,20 @@ class CompiledVectorOps:
         return step
 
 
-def _steps_with_product(module: torch.fx.GraphModule, steps: int) -> Callable:
-    """``steps`` times ``pcg._step`` after ``q = module(p, *constants)``. The module is
-    held weakly: the function is kept in a table keyed by it."""
+def _step_with_product(module: torch.fx.GraphModule) -> Callable:
+    """``pcg._step`` after ``q = module(p, *constants)``. The module is held weakly: the
+    function is kept in a table keyed by it."""
     ref = weakref.ref(module)
 
-    def steps_with_product(x, r, p, rz, rr, status, active, iterations, inverse_diagonal,
-                           tol2, *constants):
-        product = ref()
-        for _ in range(steps):
-            q = product(p, *constants)
-            if tuple(q.shape) != tuple(p.shape):
-                raise ValueError(f"the operator's graph returned shape {tuple(q.shape)} for "
-                                 f"an input of shape {tuple(p.shape)}; it must map [B, n] to "
-                                 f"[B, n]")
-            status, active, iterations, rz, rr = _step(x, r, p, q, rz, rr, status, active,
-                                                       iterations, inverse_diagonal, tol2)
-        return status, active, iterations, rz, rr
+    def step_with_product(x, r, p, rz, rr, status, active, iterations, inverse_diagonal, tol2,
+                          *constants):
+        q = ref()(p, *constants)
+        if tuple(q.shape) != tuple(p.shape):
+            raise ValueError(f"the operator's graph returned shape {tuple(q.shape)} for an "
+                             f"input of shape {tuple(p.shape)}; it must map [B, n] to [B, n]")
+        return _step(x, r, p, q, rz, rr, status, active, iterations, inverse_diagonal, tol2)
 
-    return steps_with_product
+    return step_with_product
 
 
 _OPS: CompiledVectorOps | None = None

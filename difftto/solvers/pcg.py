@@ -131,15 +131,6 @@ class PCG:
             longer interval only runs up to ``check_every − 1`` idle iterations after the
             last element converged (same results, their passes wasted).
         recompute_every: iterations between true-residual replacements.
-        steps_per_call: with ``backend="compiled"`` and an operator that gives its product
-            as a graph, the most iterations one compiled call runs (default 1). A call never
-            spans a host check (so it needs ``check_every`` > 1) or a residual replacement,
-            and runs the same iterations as single steps (an element that stopped changes
-            no more); with ``on_failure="best"`` (the best iterate is tracked every
-            iteration) it is 1. Each length compiles once (~1 s per step in the call). More
-            than one saves the per-call cost (a few % at n = 10⁴) but, as inductor keeps
-            every step's intermediates alive for the whole call, it is slower from n ~ 10⁵
-            (see benchmarks/README.md).
         on_failure: ``"raise"``, ``"warn"``, ``"zero"`` or ``"best"`` (see
             :func:`~difftto.solvers.result.apply_failure_policy`).
         backend: ``"auto"`` (fused CuPy kernels on CUDA tensors when cupy imports,
@@ -164,7 +155,6 @@ class PCG:
     recompute_every: int = 50
     on_failure: str = "warn"
     backend: str = "auto"
-    steps_per_call: int = 1
 
     def __post_init__(self):
         if not (self.rtol >= 0 and self.atol >= 0):
@@ -176,8 +166,6 @@ class PCG:
                 f"check_every and recompute_every must be >= 1, got {self.check_every}, "
                 f"{self.recompute_every}"
             )
-        if self.steps_per_call < 1:
-            raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
         if self.on_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {self.on_failure!r}")
         if self.backend not in BACKENDS:
@@ -233,14 +221,13 @@ class PCG:
         result, best, best_rel = _pcg_loop(
             operator, b, x0, precond, ops, max_iter, self.rtol, self.atol,
             check_every, self.recompute_every, track_best=(policy == "best"),
-            steps_per_call=self.steps_per_call,
         )
         return apply_failure_policy(result, policy, best=best, best_relative_residual=best_rel,
                                     what="PCG")
 
 
 def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
-              recompute_every, track_best, steps_per_call=1):
+              recompute_every, track_best):
     # Contiguous [B, n] rows: the CuPy kernels index them directly, and x, r, p inherit it.
     b = b.detach().contiguous()
     batch, n = b.shape
@@ -298,22 +285,9 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
     # call per such iteration for ``q = A p`` and the vector work.
     product_step = getattr(ops, "product_step", None) if step is not None else None
     step_with_product = None if product_step is None else product_step(operator)
-    # ``steps_per_call`` > 1: several such iterations per call (``product_step(operator,
-    # m)``) between two host checks, where no residual is replaced and no best iterate is
-    # tracked: the same iterations, m − 1 calls fewer.
-    chunked = {} if step_with_product is not None and not track_best and steps_per_call > 1 \
-        else None
     while k < max_iter:
-        m = 1 if chunked is None else _chunk_length(k, max_iter, check_every, recompute_every,
-                                                    steps_per_call)
-        k += max(m, 1)  # the iterations this pass runs: k − m + 1 … k
-        if m > 1:
-            steps = chunked.get(m)
-            if steps is None:
-                steps = chunked[m] = product_step(operator, m)
-            status, active, iterations, rz, rr = steps(x, r, p, rz, rr, status, active,
-                                                       iterations, inverse_diagonal, tol2)
-        elif step is not None and k % recompute_every != 0:
+        k += 1
+        if step is not None and k % recompute_every != 0:
             if step_with_product is not None:
                 status, active, iterations, rz, rr = step_with_product(
                     x, r, p, rz, rr, status, active, iterations, inverse_diagonal, tol2)
@@ -416,17 +390,6 @@ def _step(ops, x, r, p, q, rz, rr, status, active, iterations, inverse_diagonal,
     z, rz_new, rr_new = ops.precondition(r, inverse_diagonal)
     status, active, rz, rr = _redirect(ops, p, z, rz, rz_new, rr, rr_new, status, active, tol2)
     return status, active, iterations, rz, rr
-
-
-def _chunk_length(k: int, max_iter: int, check_every: int, recompute_every: int,
-                  most: int) -> int:
-    """How many iterations after iteration ``k`` one call may run: up to ``most``, up to
-    the next host check (a multiple of ``check_every``, or ``max_iter``), and short of the
-    next residual replacement (a multiple of ``recompute_every``); 0 where iteration
-    ``k + 1`` replaces the residual."""
-    next_check = min((k // check_every + 1) * check_every, max_iter)
-    next_replacement = (k // recompute_every + 1) * recompute_every
-    return max(min(most, next_check - k, next_replacement - 1 - k), 0)
 
 
 def _relative(norm: Tensor, b_norm: Tensor) -> Tensor:
