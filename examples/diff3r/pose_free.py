@@ -70,6 +70,7 @@ __all__ = [
     "context_data",
     "cross_view_inverse_depth",
     "depth_agreement_loss",
+    "depth_loss",
     "first_view_frame",
     "gaussians_only",
     "world_theta",
@@ -206,6 +207,10 @@ class PoseFreeModel(nn.Module):
         depth_agreement: weight of an optional training term on the predicted depths,
             their cross-view agreement under the true relative context poses
             (:func:`depth_agreement_loss`, read by ``train.py`` in every mode; 0: off).
+        depth_supervision: weight of an optional training term on the predicted depths
+            against the training views' ground-truth depths (:func:`depth_loss`; needs
+            data with depth, the procedural generator's; every mode; 0: off). Training
+            only: the model reads no depth at test time.
         pose_estimator: ``"head"``: the pose head's twist; ``"procrustes"``: a cross-view
             point-map head predicts, for each pixel of view ``v``, its 3D point in the
             first view's frame and a weight, and the weighted Procrustes
@@ -243,6 +248,7 @@ class PoseFreeModel(nn.Module):
         pose_supervision_refined: float = 0.0,
         pose_supervision_refined_rotation: float | None = None,
         depth_agreement: float = 0.0,
+        depth_supervision: float = 0.0,
         pose_estimator: str = "head",
         pose_lam: str = "camera",
         lam_pose_rotation: float | None = None,
@@ -277,6 +283,7 @@ class PoseFreeModel(nn.Module):
         self.pose_supervision_refined_rotation = _non_negative("pose_supervision_refined_rotation",
                                                                pose_supervision_refined_rotation)
         self.depth_agreement = _non_negative("depth_agreement", depth_agreement)
+        self.depth_supervision = _non_negative("depth_supervision", depth_supervision)
         self.register_buffer("lam_init", torch.tensor(values), persistent=False)
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
                              persistent=False)
@@ -635,6 +642,23 @@ def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> T
             total = total + ((res * near[:, d, None, None]) ** 2).sum()
             count = count + valid.sum()
     return total / count.clamp_min(1.0)
+
+
+def depth_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> Tensor:
+    """Mean absolute log-depth error of the predicted context depths against the
+    batch's ``context_depths`` (``[B, V, H, W]``, z-depth; pixels with a non-positive
+    or non-finite depth are left out). A scalar.
+
+    Raises:
+        KeyError: when the batch holds no ``context_depths`` (train with data that stores depth).
+    """
+    if "context_depths" not in batch:
+        raise KeyError("depth_loss needs batch['context_depths'] (model.depth_supervision > 0: the dataset must "
+                       "store depth, as the procedural generator does)")
+    gt = batch["context_depths"].to(pred.depth.dtype)
+    valid = torch.isfinite(gt) & (gt > 0)
+    err = (torch.log(pred.depth) - torch.log(torch.where(valid, gt, torch.ones_like(gt)))).abs()
+    return (err * valid).sum() / valid.sum().clamp_min(1)
 
 
 def gaussians_only(theta: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -278,7 +278,9 @@ def train(cfg: DictConfig) -> dict:
     dctx.barrier()
     if not dctx.is_main:
         root = prepare_data(cfg.data)
-    dataset = make_dataset(cfg, root, "train")
+    # model=pose_free with model.depth_supervision > 0: the training views' depths too
+    depth_supervised = pose_free.is_pose_free(cfg.model) and float(cfg.model.get("depth_supervision", 0.0)) > 0
+    dataset = make_dataset(cfg, root, "train", load_depth=depth_supervised)
     torch.manual_seed(int(cfg.seed))  # the same initial weights on every rank
     core = build_model(cfg.model).to(device)
     model = dctx.wrap(core, device)
@@ -366,6 +368,8 @@ def train(cfg: DictConfig) -> dict:
                 loss = loss + core.pose_supervision_refined * pose_free.refined_pose_loss(out, batch)
             if is_pose_free and core.depth_agreement > 0:  # predicted depths agree across the true poses
                 loss = loss + core.depth_agreement * pose_free.depth_agreement_loss(out.prediction, batch)
+            if is_pose_free and core.depth_supervision > 0:  # training views' depths (data with depth)
+                loss = loss + core.depth_supervision * pose_free.depth_loss(out.prediction, batch)
             if lpips_module is not None:
                 loss = loss + float(cfg.loss.lpips) * lpips_distance(lpips_module, out.render, target).mean()
             optimizer.zero_grad(set_to_none=True)

@@ -155,3 +155,40 @@ def test_training_adds_the_term_in_zero_shot(root, tmp_path):
 
     off, on = run("off", []), run("on", ["model.depth_agreement=100"])
     assert math.isfinite(on["last"]["loss"]) and on["last"]["loss"] > off["last"]["loss"]
+
+
+# ------------------------------------------------------ supervised depth (training only)
+
+
+def test_depth_loss_against_known_depths(root):
+    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0, load_depth=True)
+    batch = pose_free.first_view_frame(default_collate([ds[0]]))
+    torch.manual_seed(0)
+    model = pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8)
+    pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+    gt = batch["context_depths"]
+    exact = pose_free.PoseFreeOutput(pred.theta, pred.lam, gt.clone())
+    assert float(pose_free.depth_loss(exact, batch)) < 1e-6
+    # 1.5× too far everywhere: |log 1.5|, the invalid pixels (0, inf) left out
+    holes = dict(batch, context_depths=gt.clone())
+    holes["context_depths"][0, 0, :3] = 0.0
+    holes["context_depths"][0, 1, :2] = float("inf")
+    far = pose_free.PoseFreeOutput(pred.theta, pred.lam, 1.5 * gt)
+    assert float(pose_free.depth_loss(far, holes)) == pytest.approx(math.log(1.5), rel=1e-4)
+    loss = pose_free.depth_loss(pred, batch)
+    loss.backward()
+    assert float(model.head[-1].weight.grad[model._slices()["depth"]].abs().sum()) > 0
+    with pytest.raises(KeyError, match="context_depths"):
+        pose_free.depth_loss(pred, {k: v for k, v in batch.items() if k != "context_depths"})
+
+
+def test_training_with_depth_supervision_loads_depth(root, tmp_path):
+    def run(name, extra):
+        base = [o for o in tiny_overrides(root, tmp_path / name, "zero_shot") if not o.startswith("model.")]
+        return train(compose_config(base + ["model=pose_free", "model.feature_channels=8", "model.hidden_channels=8",
+                                            *extra]))
+
+    off, on = run("off", []), run("on", ["model.depth_supervision=1"])
+    assert math.isfinite(on["last"]["loss"]) and on["last"]["loss"] > off["last"]["loss"]
+    with pytest.raises(ValueError, match=r"depth_supervision: expected a finite number >= 0, got -1$"):
+        run("bad", ["model.depth_supervision=-1"])
