@@ -192,3 +192,31 @@ def test_training_with_depth_supervision_loads_depth(root, tmp_path):
     assert math.isfinite(on["last"]["loss"]) and on["last"]["loss"] > off["last"]["loss"]
     with pytest.raises(ValueError, match=r"depth_supervision: expected a finite number >= 0, got -1$"):
         run("bad", ["model.depth_supervision=-1"])
+
+
+def test_tto_sweep_script_runs_with_predicted_and_ground_truth_depths(root, tmp_path):
+    from examples.diff3r import pose_free_tto_sweep
+
+    def run(name, extra):
+        base = [o for o in tiny_overrides(root, tmp_path / name, "zero_shot") if not o.startswith("model.")]
+        return train(compose_config(base + ["model=pose_free", "model.feature_channels=8", "model.hidden_channels=8",
+                                            *extra]))
+
+    camera = run("camera", ["model.attach=camera"])["checkpoint"]
+    args = [str(camera), "--max-scenes", "1", "--config", "1,2", "--config", "10,2,5"]
+    outs = {}
+    for extra in ([], ["--gt-depth"], ["--naive"]):
+        out = outs[" ".join(extra)] = pose_free_tto_sweep.main(args + extra)
+        assert set(out) == {"1,2", "10,2,5"}
+        assert all(math.isfinite(v) for r in out.values() for k, v in r.items() if k != "rot_diff_se")
+    # the same Θ0 poses; other Gaussians (ground-truth depths) or Λ (naive): other Θ*
+    assert outs["--gt-depth"]["1,2"]["rot_before"] == outs[""]["1,2"]["rot_before"]
+    assert outs["--gt-depth"]["1,2"]["rot_after"] != outs[""]["1,2"]["rot_after"]
+    assert outs["--naive"]["1,2"]["rot_after"] != outs[""]["1,2"]["rot_after"]
+    world = run("world", [])["checkpoint"]
+    with pytest.raises(ValueError, match="attach=camera"):
+        pose_free_tto_sweep.main([str(world), "--config", "1,2", "--gt-depth"])
+    for bad in ("10", "0,20", "10,x", "10,20,-1"):
+        with pytest.raises(ValueError, match=rf"--config: expected UNIT.*got '{bad}'"):
+            pose_free_tto_sweep.parse_config(bad)
+    assert pose_free_tto_sweep.parse_config("10,60,100") == (10.0, 60, 100.0)
