@@ -105,18 +105,22 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     tto = OmegaConf.to_container(cfg.tto, resolve=True)
     pose_lr = float(cfg.model.tto_pose_lr)
     attach = getattr(model, "attach", "world")
+    # The checkpoint's pose translation unit in θ (model.tto_pose_translation_unit): every variant's units
+    # are relative to it (1: the checkpoint's).
+    t_unit = float(getattr(model, "tto_pose_translation_unit", 1.0))
 
     def scaled_layer(units):
+        units = (units[0] * t_unit, units[1])
         adam = difftto.Adam(lr=pose_free._by_group(tto["lr"], "tto.lr", pose_lr), steps=int(tto["steps"]))
         return difftto.ImplicitLayer(TwistScaledProblem(units, attach=attach), inner=adam, backward="implicit",
                                      hessian="gauss_newton", solver=difftto.solvers.PCG(rtol=1e-2, max_iter=15))
 
     lm = {"inner": "gauss_newton", "damping": 1e-3}
-    ONE = (1.0, 1.0)
+    ONE = (t_unit, 1.0)
     frozen_gaussians = {**tto, "lr": {g: 1e-12 for g in pose_free.GAUSSIAN_GROUPS}}
 
     def build(t, lr=pose_lr):
-        return pose_free.build_layer(t, "implicit", lr, attach=attach)
+        return pose_free._layer_for(pose_free.build_layer(t, "implicit", lr, attach=attach), attach, t_unit)
 
     # name: (layer, θ's (translation, rotation) units, start: False (predicted), True (true poses),
     # "rotation" (true rotation, predicted translation) or "translation" (true translation, predicted rotation))
@@ -124,11 +128,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         f"Adam, pose lr {pose_lr:g} (the checkpoint's TTO)": (build(tto), ONE, False),
         "the same, started at the true context poses": (build(tto), ONE, True),
         f"Adam, rotation entries in units of {ROTATION_UNIT} rad": (scaled_layer((1.0, ROTATION_UNIT)),
-                                                                    (1.0, ROTATION_UNIT), False),
+                                                                    (t_unit, ROTATION_UNIT), False),
         f"Adam, translation entries in units of {TRANSLATION_UNIT:g}": (scaled_layer((TRANSLATION_UNIT, 1.0)),
-                                                                       (TRANSLATION_UNIT, 1.0), False),
+                                                                       (TRANSLATION_UNIT * t_unit, 1.0), False),
         f"Adam, translation entries in units of {TRANSLATION_UNIT:g}, rotation in units of {ROTATION_UNIT} rad":
-            (scaled_layer((TRANSLATION_UNIT, ROTATION_UNIT)), (TRANSLATION_UNIT, ROTATION_UNIT), False),
+            (scaled_layer((TRANSLATION_UNIT, ROTATION_UNIT)), (TRANSLATION_UNIT * t_unit, ROTATION_UNIT), False),
         "Adam, poses frozen (pose lr 1e-12)": (build(tto, 1e-12), ONE, False),
         "Adam, Gaussians frozen (their lr 1e-12)": (build(frozen_gaussians), ONE, False),
         "Adam, Gaussians frozen, started at the true context poses": (build(frozen_gaussians), ONE, True),
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 render = pose_free.render_targets(star, batch, "context", viewmats=se3_exp(pose))
                 records[name].append((float(rot0.mean()), float(rot1.mean()), float(tr0.mean()), float(tr1.mean()),
                                       float(psnr(render.clamp(0, 1), batch["context_images"]).mean())))
-    print(f"{n} scenes, attach={attach}, predicted Λ_pose (views 1..) mean {sum(lam_pose) / n:.3g}, "
+    print(f"{n} scenes, attach={attach}, pose translation unit in θ {t_unit:g} (units below relative to it), "
+          f"predicted Λ_pose (views 1..) mean {sum(lam_pose) / n:.3g}, "
           f"{time.perf_counter() - started:.0f} s")
     print("| variant | rotation ° Θ0 → Θ* | translation direction ° Θ0 → Θ* | context PSNR after TTO |")
     print("|---|---|---|---|")
