@@ -145,6 +145,8 @@ def test_config_rejects_a_bad_depth_agreement_weight(value):
     with pytest.raises(ValueError, match=rf"depth_agreement: expected a finite number >= 0, got {value!r}"):
         build_model(compose_config(["model=pose_free", f"model.depth_agreement={value}"]).model)
     assert pose_free.PoseFreeModel().depth_agreement == 0.0
+    preset = compose_config(["model=pose_free"]).model
+    assert float(preset.depth_agreement) == 0.0 and float(preset.depth_supervision) == 0.0  # off in the preset
 
 
 def test_training_adds_the_term_in_zero_shot(root, tmp_path):

@@ -98,8 +98,9 @@ def test_refined_rotation_weight_of_the_model_and_its_override(batch):
 def test_refined_term_is_off_by_default():
     assert pose_free.PoseFreeModel(**TINY_POSE_FREE).pose_supervision_refined == 0.0
     cfg = compose_config(["model=pose_free"])
+    assert float(cfg.model.pose_supervision_refined) == 0.0  # the preset: off (README, pose-free: measured)
     model = build_model(cfg.model)
-    assert model.pose_supervision_refined == float(cfg.model.pose_supervision_refined)
+    assert model.pose_supervision_refined == 0.0
     assert model.pose_supervision_refined_rotation == (
         float(cfg.model.pose_supervision_rotation) if cfg.model.pose_supervision_refined_rotation is None
         else float(cfg.model.pose_supervision_refined_rotation))
