@@ -7,10 +7,16 @@ from pathlib import Path
 
 from .data import generate_dataset
 
-__all__ = ["TINY_MODEL", "TINY_SIZE", "tiny_dataset", "tiny_overrides"]
+__all__ = ["TINY_MODEL", "TINY_POSE_FREE", "TINY_POSE_FREE_TTO", "TINY_SIZE", "tiny_dataset",
+           "tiny_overrides", "tiny_pose_free_batch", "tiny_pose_free_overrides"]
 
 TINY_SIZE = 16
 TINY_MODEL = {"feature_channels": 8, "hidden_channels": 8, "depth_candidates": 8}
+# The pose-free model's narrow widths and a short TTO of its groups (tto.* of a built layer).
+TINY_POSE_FREE = {"feature_channels": 8, "hidden_channels": 8}
+TINY_POSE_FREE_TTO = {"inner": "adam", "steps": 4, "pcg_rtol": 1e-3, "pcg_max_iter": 8,
+                      "lr": {"means": 3e-3, "log_scales": 5e-2, "quats": 1e-2, "opacities": 5e-2,
+                             "colors": 2.5e-2}}
 
 
 def tiny_dataset(root: str | Path) -> Path:
@@ -37,3 +43,21 @@ def tiny_overrides(root: str | Path, out_dir: str | Path, mode: str = "diff3r") 
         "progress=false",
         f"out_dir={out_dir}",
     ]
+
+
+def tiny_pose_free_overrides(root: str | Path, out_dir: str | Path, mode: str = "diff3r") -> list[str]:
+    """:func:`tiny_overrides` for ``model=pose_free`` with :data:`TINY_POSE_FREE`."""
+    base = [o for o in tiny_overrides(root, out_dir, mode) if not o.startswith("model.")]
+    return base + ["model=pose_free", *[f"model.{k}={v}" for k, v in TINY_POSE_FREE.items()]]
+
+
+def tiny_pose_free_batch(root: str | Path) -> dict:
+    """The first training example of :func:`tiny_dataset` data as a batch of one, in the
+    first context view's frame (what the pose-free model sees)."""
+    from torch.utils.data import default_collate
+
+    from . import pose_free
+    from .data import RE10KDataset
+
+    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
+    return pose_free.first_view_frame(default_collate([ds[0]]))

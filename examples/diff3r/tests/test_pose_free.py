@@ -21,12 +21,15 @@ from examples.diff3r.pose_alignment import (
     scale_aligned_targets,
     translation_direction_error_deg,
 )
-from examples.diff3r.testing import TINY_SIZE, tiny_dataset, tiny_overrides
+from examples.diff3r.testing import (
+    TINY_POSE_FREE,
+    TINY_POSE_FREE_TTO,
+    TINY_SIZE,
+    tiny_dataset,
+    tiny_pose_free_batch,
+    tiny_pose_free_overrides,
+)
 from examples.diff3r.train import compose_config, model_from_checkpoint, train
-
-TINY_POSE_FREE = {"feature_channels": 8, "hidden_channels": 8}
-TTO = {"inner": "adam", "steps": 4, "pcg_rtol": 1e-3, "pcg_max_iter": 8,
-       "lr": {"means": 3e-3, "log_scales": 5e-2, "quats": 1e-2, "opacities": 5e-2, "colors": 2.5e-2}}
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +39,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(root):
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
-    return pose_free.first_view_frame(default_collate([ds[0]]))
-
-
-def _overrides(root, out_dir, mode):
-    base = [o for o in tiny_overrides(root, out_dir, mode) if not o.startswith("model.")]
-    return base + ["model=pose_free", *[f"model.{k}={v}" for k, v in TINY_POSE_FREE.items()]]
+    return tiny_pose_free_batch(root)
 
 
 def test_first_view_frame_makes_context_zero_the_identity(batch):
@@ -80,7 +77,7 @@ def test_gradient_reaches_the_pose_head_through_the_layer_theta0(batch):
     outputs is the poses' Θ0 of the layer (∂L/∂θ0 = Λ ⊙ u)."""
     torch.manual_seed(0)
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
-    layer = pose_free.build_layer(TTO, "implicit", pose_lr=3e-3)
+    layer = pose_free.build_layer(TINY_POSE_FREE_TTO, "implicit", pose_lr=3e-3)
     pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
     theta0 = {k: (v if k == "pose" else v.detach()) for k, v in pred.theta.items()}
     lam = {k: v.detach() for k, v in pred.lam.items()}
@@ -100,7 +97,7 @@ def test_gradient_reaches_the_pose_head_through_the_layer_theta0(batch):
 def test_diff3r_step_reaches_pose_head_and_pose_lambda(batch):
     torch.manual_seed(0)
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
-    layer = pose_free.build_layer(TTO, "implicit")
+    layer = pose_free.build_layer(TINY_POSE_FREE_TTO, "implicit")
     out = pose_free.run_pipeline(model, batch, layer)
     torch.nn.functional.mse_loss(out.render, batch["target_images"]).backward()
     grad = model.pose_out.weight.grad
@@ -114,7 +111,7 @@ def test_diff3r_step_reaches_pose_head_and_pose_lambda(batch):
 @pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")
 @pytest.mark.parametrize("mode", ["zero_shot", "diff3r", "unrolled", "no_uncertainty"])
 def test_training_modes_run_and_checkpoint_a_pose_free_model(root, tmp_path, mode):
-    summary = train(compose_config(_overrides(root, tmp_path / mode, mode)))
+    summary = train(compose_config(tiny_pose_free_overrides(root, tmp_path / mode, mode)))
     assert math.isfinite(summary["last"]["loss"])
     model, state = model_from_checkpoint(summary["checkpoint"])
     assert isinstance(model, pose_free.PoseFreeModel) and state["mode"] == mode
@@ -122,14 +119,15 @@ def test_training_modes_run_and_checkpoint_a_pose_free_model(root, tmp_path, mod
 
 @pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")
 def test_four_context_views(root, tmp_path):
-    cfg = compose_config(_overrides(root, tmp_path / "v4", "diff3r") + ["+data.num_context_views=4", "data.gap=[3,5]"])
+    cfg = compose_config(tiny_pose_free_overrides(root, tmp_path / "v4", "diff3r")
+                         + ["+data.num_context_views=4", "data.gap=[3,5]"])
     summary = train(cfg)
     assert math.isfinite(summary["last"]["loss"])
     ds = RE10KDataset(root, "train", TINY_SIZE, sampler=BoundedViewSampler(4, 1, min_gap=3, max_gap=5),
                       near=1.0, far=15.0)
     batch = pose_free.first_view_frame(default_collate([ds[0]]))
     model, _ = model_from_checkpoint(summary["checkpoint"])
-    out = pose_free.run_pipeline(model, batch, pose_free.build_layer(TTO, "implicit"))
+    out = pose_free.run_pipeline(model, batch, pose_free.build_layer(TINY_POSE_FREE_TTO, "implicit"))
     assert out.theta["pose"].shape == (1, 4, 6) and out.theta["means"].shape == (1, 4 * TINY_SIZE ** 2, 3)
 
 
@@ -198,7 +196,7 @@ def test_pose_loss_is_zero_at_the_true_poses_only(batch):
 def test_tto_variants_script_runs_on_a_checkpoint(root, tmp_path):
     from examples.diff3r import pose_free_tto_variants
 
-    summary = train(compose_config(_overrides(root, tmp_path / "zs", "zero_shot")))
+    summary = train(compose_config(tiny_pose_free_overrides(root, tmp_path / "zs", "zero_shot")))
     means = pose_free_tto_variants.main([str(summary["checkpoint"]), "--max-scenes", "1"])
     assert len(means) == 12 and all(math.isfinite(v) for m in means.values() for v in m)
     frozen = means["Adam, poses frozen (pose lr 1e-12)"]
@@ -233,7 +231,7 @@ def test_evaluation_with_four_context_views(root, tmp_path):
     from examples.diff3r import pose_free_eval
     from examples.diff3r.data import generate_dataset
 
-    summary = train(compose_config(_overrides(root, tmp_path / "zs", "zero_shot")))
+    summary = train(compose_config(tiny_pose_free_overrides(root, tmp_path / "zs", "zero_shot")))
     root10 = generate_dataset(tmp_path / "data10", 1, 2, views_per_scene=10, image_size=TINY_SIZE, seed=1)
     results = pose_free_eval.main(["--zero-shot", str(summary["checkpoint"]), "--out", str(tmp_path / "eval"),
                                    "--data-root", str(root10), "--num-context-views", "4", "--max-scenes", "1",
@@ -277,10 +275,12 @@ def test_pose_loss_weights_the_rotation_entries(batch):
 def test_lambda_gradient_script_splits_translation_and_rotation(root, tmp_path):
     from examples.diff3r import pose_free_lambda_gradient
 
-    summary = train(compose_config(_overrides(root, tmp_path / "d3", "diff3r") + ["model.pose_lam=split"]))
+    summary = train(compose_config(tiny_pose_free_overrides(root, tmp_path / "d3", "diff3r")
+                                   + ["model.pose_lam=split"]))
     grads = pose_free_lambda_gradient.main([str(summary["checkpoint"]), "--batches", "1"])
     assert len(grads) == 1 and all(math.isfinite(g) for g in grads[0])
     assert grads[0][0] != grads[0][1] and grads[0][1] != 0  # two Λ, the rotation one reached by the implicit gradient
-    camera = train(compose_config(_overrides(root, tmp_path / "cam", "zero_shot") + ["model.pose_lam=camera"]))
+    camera = train(compose_config(tiny_pose_free_overrides(root, tmp_path / "cam", "zero_shot")
+                                  + ["model.pose_lam=camera"]))
     with pytest.raises(ValueError, match="pose_lam=split"):
         pose_free_lambda_gradient.pose_lambda_gradients(camera["checkpoint"], 1)

@@ -5,16 +5,17 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import default_collate
 
 from examples.diff3r import pose_free
-from examples.diff3r.data import RE10KDataset
-from examples.diff3r.testing import TINY_SIZE, tiny_dataset, tiny_overrides
+from examples.diff3r.testing import (
+    TINY_POSE_FREE,
+    TINY_POSE_FREE_TTO,
+    tiny_dataset,
+    tiny_pose_free_batch,
+    tiny_pose_free_overrides,
+)
 from examples.diff3r.train import compose_config, model_from_checkpoint, train
 
-TINY_POSE_FREE = {"feature_channels": 8, "hidden_channels": 8}
-TTO = {"inner": "adam", "steps": 4, "pcg_rtol": 1e-3, "pcg_max_iter": 8,
-       "lr": {"means": 3e-3, "log_scales": 5e-2, "quats": 1e-2, "opacities": 5e-2, "colors": 2.5e-2}}
 TWIST = torch.tensor([0.3, -0.2, 0.1, 0.5, -0.4, 0.3])
 
 
@@ -25,8 +26,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(root):
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
-    return pose_free.first_view_frame(default_collate([ds[0]]))
+    return tiny_pose_free_batch(root)
 
 
 def _model(attach):
@@ -59,7 +59,7 @@ def test_attached_gaussians_are_the_back_projections_and_place_the_same_world_me
 @pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")
 def test_attached_pipeline_reaches_the_pose_head_and_returns_world_gaussians(batch):
     model = _model("camera")
-    layer = pose_free.build_layer(TTO, "implicit")  # a world-frame layer: run_pipeline switches it
+    layer = pose_free.build_layer(TINY_POSE_FREE_TTO, "implicit")  # a world-frame layer: run_pipeline switches it
     out = pose_free.run_pipeline(model, batch, layer)
     assert layer.problem.attach == "world"
     assert float((out.theta["pose"][:, 1] - out.prediction.theta["pose"][:, 1]).detach().abs().max()) > 0
@@ -76,9 +76,7 @@ def test_attached_pipeline_reaches_the_pose_head_and_returns_world_gaussians(bat
 
 @pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")
 def test_diff3r_training_with_attach_camera(root, tmp_path):
-    base = [o for o in tiny_overrides(root, tmp_path / "run", "diff3r") if not o.startswith("model.")]
-    cfg = compose_config(base + ["model=pose_free", "model.attach=camera",
-                                 *[f"model.{k}={v}" for k, v in TINY_POSE_FREE.items()]])
+    cfg = compose_config(tiny_pose_free_overrides(root, tmp_path / "run", "diff3r") + ["model.attach=camera"])
     summary = train(cfg)
     assert math.isfinite(summary["last"]["loss"])
     model, _ = model_from_checkpoint(summary["checkpoint"])

@@ -14,7 +14,7 @@ from torch.utils.data import default_collate
 from difftto.problems.splatting.se3 import se3_exp
 from examples.diff3r import pose_free
 from examples.diff3r.data import RE10KDataset
-from examples.diff3r.testing import TINY_SIZE, tiny_dataset, tiny_overrides
+from examples.diff3r.testing import TINY_SIZE, tiny_dataset, tiny_pose_free_overrides
 from examples.diff3r.train import build_model, compose_config, train
 
 H, W = 10, 12
@@ -151,9 +151,7 @@ def test_config_rejects_a_bad_depth_agreement_weight(value):
 
 def test_training_adds_the_term_in_zero_shot(root, tmp_path):
     def run(name, extra):
-        base = [o for o in tiny_overrides(root, tmp_path / name, "zero_shot") if not o.startswith("model.")]
-        return train(compose_config(base + ["model=pose_free", "model.feature_channels=8", "model.hidden_channels=8",
-                                            *extra]))
+        return train(compose_config(tiny_pose_free_overrides(root, tmp_path / name, "zero_shot") + extra))
 
     off, on = run("off", []), run("on", ["model.depth_agreement=100"])
     assert math.isfinite(on["last"]["loss"]) and on["last"]["loss"] > off["last"]["loss"]
@@ -186,9 +184,7 @@ def test_depth_loss_against_known_depths(root):
 
 def test_training_with_depth_supervision_loads_depth(root, tmp_path):
     def run(name, extra):
-        base = [o for o in tiny_overrides(root, tmp_path / name, "zero_shot") if not o.startswith("model.")]
-        return train(compose_config(base + ["model=pose_free", "model.feature_channels=8", "model.hidden_channels=8",
-                                            *extra]))
+        return train(compose_config(tiny_pose_free_overrides(root, tmp_path / name, "zero_shot") + extra))
 
     off, on = run("off", []), run("on", ["model.depth_supervision=1"])
     assert math.isfinite(on["last"]["loss"]) and on["last"]["loss"] > off["last"]["loss"]
@@ -200,9 +196,7 @@ def test_tto_sweep_script_runs_with_predicted_and_ground_truth_depths(root, tmp_
     from examples.diff3r import pose_free_tto_sweep
 
     def run(name, extra):
-        base = [o for o in tiny_overrides(root, tmp_path / name, "zero_shot") if not o.startswith("model.")]
-        return train(compose_config(base + ["model=pose_free", "model.feature_channels=8", "model.hidden_channels=8",
-                                            *extra]))
+        return train(compose_config(tiny_pose_free_overrides(root, tmp_path / name, "zero_shot") + extra))
 
     camera = run("camera", ["model.attach=camera"])["checkpoint"]
     args = [str(camera), "--max-scenes", "1", "--config", "1,2", "--config", "10,2,5"]

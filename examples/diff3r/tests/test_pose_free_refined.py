@@ -6,18 +6,18 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import default_collate
 
 from difftto.problems import get as get_problem
 from difftto.problems.splatting.se3 import se3_exp, se3_log
 from examples.diff3r import pose_free
-from examples.diff3r.data import RE10KDataset
-from examples.diff3r.testing import TINY_SIZE, tiny_dataset, tiny_overrides
+from examples.diff3r.testing import (
+    TINY_POSE_FREE,
+    TINY_POSE_FREE_TTO,
+    tiny_dataset,
+    tiny_pose_free_batch,
+    tiny_pose_free_overrides,
+)
 from examples.diff3r.train import build_model, compose_config, train
-
-TINY_POSE_FREE = {"feature_channels": 8, "hidden_channels": 8}
-TTO = {"inner": "adam", "steps": 4, "pcg_rtol": 1e-3, "pcg_max_iter": 8,
-       "lr": {"means": 3e-3, "log_scales": 5e-2, "quats": 1e-2, "opacities": 5e-2, "colors": 2.5e-2}}
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +27,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(root):
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
-    return pose_free.first_view_frame(default_collate([ds[0]]))
-
-
-def _overrides(root, out_dir, mode):
-    base = [o for o in tiny_overrides(root, out_dir, mode) if not o.startswith("model.")]
-    return base + ["model=pose_free", *[f"model.{k}={v}" for k, v in TINY_POSE_FREE.items()]]
+    return tiny_pose_free_batch(root)
 
 
 @pytest.mark.filterwarnings("ignore::difftto.solvers.LinearSolveWarning")
@@ -49,7 +43,7 @@ def test_refined_pose_loss_reaches_pose_head_lambda_and_depth_through_the_layer(
                                     pose_supervision_refined=1.0, pose_supervision_rotation=100.0, attach=attach)
     with torch.no_grad():  # a non-trivial Θ0 pose, off the true one
         model.pose_out.bias[:6] = torch.tensor([0.05, -0.03, 0.02, 0.03, -0.02, 0.01])
-    layer = pose_free.build_layer(TTO, backward)
+    layer = pose_free.build_layer(TINY_POSE_FREE_TTO, backward)
     out = pose_free.run_pipeline(model, batch, layer)
     assert float((out.theta["pose"] - out.prediction.theta["pose"]).detach().abs().max()) > 0  # TTO moved them
     loss = pose_free.refined_pose_loss(out, batch)
@@ -121,15 +115,15 @@ def test_training_adds_the_term_through_the_layer_and_logs_pose_errors(root, tmp
     """One diff3r step, the same weights and batch: the loss with the term is larger by
     its weight × the refined pose loss (> 0); the log holds Θ0 and Θ* pose errors.
     zero_shot (no Θ*) ignores the weight."""
-    base = train(compose_config(_overrides(root, tmp_path / "off", "diff3r")))
-    on = train(compose_config(_overrides(root, tmp_path / "on", "diff3r")
+    base = train(compose_config(tiny_pose_free_overrides(root, tmp_path / "off", "diff3r")))
+    on = train(compose_config(tiny_pose_free_overrides(root, tmp_path / "on", "diff3r")
                               + ["model.pose_supervision_refined=1000"]))
     assert on["last"]["loss"] > base["last"]["loss"]
     for key in ("rot_err_deg_theta0", "rot_err_deg_theta_star", "trans_err_deg_theta0", "trans_err_deg_theta_star"):
         assert math.isfinite(on["last"][key]), key
     assert on["last"]["rot_err_deg_theta0"] == pytest.approx(base["last"]["rot_err_deg_theta0"])
-    zs_off = train(compose_config(_overrides(root, tmp_path / "zs_off", "zero_shot")))
-    zs_on = train(compose_config(_overrides(root, tmp_path / "zs_on", "zero_shot")
+    zs_off = train(compose_config(tiny_pose_free_overrides(root, tmp_path / "zs_off", "zero_shot")))
+    zs_on = train(compose_config(tiny_pose_free_overrides(root, tmp_path / "zs_on", "zero_shot")
                                  + ["model.pose_supervision_refined=1000"]))
     assert zs_on["last"]["loss"] == zs_off["last"]["loss"]
     assert "rot_err_deg_theta_star" not in zs_on["last"]
@@ -165,14 +159,15 @@ def test_translation_unit_steps_the_translation_more_and_returns_scene_units(bat
     for unit in (1.0, 10.0):
         torch.manual_seed(0)
         model = pose_free.PoseFreeModel(**TINY_POSE_FREE, tto_pose_translation_unit=unit)
-        out = pose_free.run_pipeline(model, batch, pose_free.build_layer(TTO, "implicit", pose_lr=1e-3))
+        out = pose_free.run_pipeline(model, batch, pose_free.build_layer(TINY_POSE_FREE_TTO, "implicit", pose_lr=1e-3))
         delta = (out.theta["pose"] - out.prediction.theta["pose"])[:, 1:].detach()
         moves[unit] = (float(delta[..., :3].norm()), float(delta[..., 3:].norm()))
         if unit == 10.0:
             pose_free.refined_pose_loss(out, batch, rotation_weight=1.0).backward()
             grad = model.pose_out.weight.grad[:6]
             assert bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
-            frozen = pose_free.run_pipeline(model, batch, pose_free.build_layer(TTO, "implicit", pose_lr=1e-12))
+            frozen_layer = pose_free.build_layer(TINY_POSE_FREE_TTO, "implicit", pose_lr=1e-12)
+            frozen = pose_free.run_pipeline(model, batch, frozen_layer)
             torch.testing.assert_close(frozen.theta["pose"], frozen.prediction.theta["pose"], atol=1e-7, rtol=0)
     assert moves[10.0][0] > 5 * moves[1.0][0]
     assert 0.2 * moves[1.0][1] < moves[10.0][1] < 5 * moves[1.0][1]
@@ -190,7 +185,7 @@ def test_config_rejects_a_bad_translation_unit_naming_it(value):
 def test_evaluation_overrides_the_translation_unit(root, tmp_path):
     from examples.diff3r import pose_free_eval
 
-    summary = train(compose_config(_overrides(root, tmp_path / "zs", "zero_shot")))
+    summary = train(compose_config(tiny_pose_free_overrides(root, tmp_path / "zs", "zero_shot")))
     results = pose_free_eval.main(["--zero-shot", str(summary["checkpoint"]), "--out", str(tmp_path / "eval"),
                                    "--max-scenes", "1", "--align-steps", "2", "--tto-steps", "2",
                                    "--tto-pose-translation-unit", "10"])
