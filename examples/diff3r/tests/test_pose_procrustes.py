@@ -13,7 +13,7 @@ from difftto.problems.splatting.se3 import se3_exp
 from examples.diff3r import pose_free
 from examples.diff3r.data import RE10KDataset
 from examples.diff3r.procrustes import procrustes_rotation, weighted_procrustes
-from examples.diff3r.testing import TINY_SIZE, tiny_dataset
+from examples.diff3r.testing import TINY_POSE_FREE_TTO, TINY_SIZE, tiny_dataset
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -173,10 +173,8 @@ def test_pose_loss_reaches_the_point_map_head_through_procrustes(batch):
 def test_split_pose_lambda_reaches_both_parts_through_the_layer(batch):
     """pose_lam="split": Λ_pose is [B, V, 6], translation entries one value, rotation
     entries another, both trained through the implicit gradient only."""
-    from examples.diff3r.tests.test_pose_free import TTO
-
     model = _model(pose_lam="split", lam_pose_rotation=100.0)
-    out = pose_free.run_pipeline(model, batch, pose_free.build_layer(TTO, "implicit"))
+    out = pose_free.run_pipeline(model, batch, pose_free.build_layer(TINY_POSE_FREE_TTO, "implicit"))
     lam = out.lam["pose"].detach()
     assert lam.shape == (1, 2, 6)
     assert lam[0, 1, :3].unique().numel() == 1 and lam[0, 1, 3:].unique().numel() == 1
