@@ -77,6 +77,7 @@ __all__ = [
     "is_pose_free",
     "pose_errors_deg",
     "pose_loss",
+    "predict",
     "refined_pose_loss",
     "run_pipeline",
 ]
@@ -714,6 +715,14 @@ class PoseFreePipelineOutput:
     info: difftto.LayerInfo | None
 
 
+def predict(model: PoseFreeModel, batch: Mapping[str, Tensor], context_images: Tensor | None = None
+            ) -> PoseFreeOutput:
+    """The model's prediction from ``batch``'s context views: their images (or
+    ``context_images`` in their place), intrinsics and depth bounds, never their poses."""
+    images = batch["context_images"] if context_images is None else context_images
+    return model(images, batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+
+
 def run_pipeline(model: PoseFreeModel, batch: Mapping[str, Tensor], layer: difftto.ImplicitLayer | None = None,
                  *, lam: str | float | Mapping[str, float] = "predicted",
                  context_images: Tensor | None = None) -> PoseFreePipelineOutput:
@@ -725,8 +734,7 @@ def run_pipeline(model: PoseFreeModel, batch: Mapping[str, Tensor], layer: difft
     ``batch``'s cameras must be in the first context view's frame
     (:func:`first_view_frame`); the model reads only images, intrinsics and depth
     bounds, never the context poses."""
-    images = batch["context_images"] if context_images is None else context_images
-    pred = model(images, batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+    pred = predict(model, batch, context_images)
     if layer is None:
         return PoseFreePipelineOutput(pred, pred.theta, pred.lam, render_targets(pred.theta, batch), None)
     weights = pred.lam if isinstance(lam, str) and lam == "predicted" else constant_lam(pred, lam)
@@ -735,7 +743,7 @@ def run_pipeline(model: PoseFreeModel, batch: Mapping[str, Tensor], layer: difft
     theta0 = pred.layer_theta
     if unit != 1.0:
         theta0 = {**theta0, "pose": scale_translation(theta0["pose"], 1.0 / unit)}
-    theta_star, info = layer(theta0, weights, context_data(pred, batch, images))
+    theta_star, info = layer(theta0, weights, context_data(pred, batch, context_images))
     if unit != 1.0:
         theta_star = {**theta_star, "pose": scale_translation(theta_star["pose"], unit)}
     if pred.attach == "camera":

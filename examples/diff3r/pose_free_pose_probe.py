@@ -43,7 +43,7 @@ def _errors(model, batches) -> tuple[float, float]:
     rot, trans = [], []
     with torch.no_grad():
         for b in batches:
-            pred = model(b["context_images"], b["context_intrinsics"], b["context_near"], b["context_far"])
+            pred = pose_free.predict(model, b)
             r, t = relative_pose_errors(pred.viewmats, torch.linalg.inv(b["context_extrinsics"]))
             rot.append(r.mean())
             trans.append(t.mean())
@@ -94,7 +94,7 @@ def probe(estimators=("head", "procrustes"), steps: int = 600, lr: float = 1e-3,
         for step in range(1, steps + 1):
             idx, epoch = batch_indices(len(train_ds), int(cfg.batch_size), seed, step)
             b = pose_free.first_view_frame(fetch_batch(train_ds, idx, epoch, torch.device("cpu")))
-            pred = model(b["context_images"], b["context_intrinsics"], b["context_near"], b["context_far"])
+            pred = pose_free.predict(model, b)
             loss = pose_free.pose_loss(pred, b, rotation_weight)
             opt.zero_grad()
             loss.backward()

@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         batch = pose_free.first_view_frame(default_collate([dataset[i]]))
         true_w2c = torch.linalg.inv(batch["context_extrinsics"])
         with torch.no_grad():
-            pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
-                         batch["context_far"])
+            pred = pose_free.predict(model, batch)
             data = pose_free.context_data(pred, batch)
             theta0 = dict(pred.layer_theta)
             if a.gt_depth:

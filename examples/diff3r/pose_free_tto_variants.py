@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         batch = pose_free.first_view_frame(default_collate([dataset[i]]))
         true_w2c = torch.linalg.inv(batch["context_extrinsics"])
         with torch.no_grad():
-            pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
-                         batch["context_far"])
+            pred = pose_free.predict(model, batch)
             lam_pose.append(float(pred.lam["pose"][:, 1:].mean()))
             data = pose_free.context_data(pred, batch)
             for name, (layer, unit, from_truth) in variants.items():

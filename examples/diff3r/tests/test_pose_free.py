@@ -54,8 +54,7 @@ def test_gaussians_are_pixel_aligned_in_their_predicted_camera(batch):
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
     with torch.no_grad():  # non-trivial poses, so a wrong frame would be visible
         model.pose_out.bias[:6] = torch.tensor([0.3, -0.2, 0.1, 0.5, -0.4, 0.3])
-        pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
-                     batch["context_far"])
+        pred = pose_free.predict(model, batch)
     B, V, _, H, W = batch["context_images"].shape
     assert pred.theta["pose"].shape == (B, V, 6) and pred.lam["pose"].shape == (B, V)
     pose = pred.theta["pose"]
@@ -78,7 +77,7 @@ def test_gradient_reaches_the_pose_head_through_the_layer_theta0(batch):
     torch.manual_seed(0)
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
     layer = pose_free.build_layer(TINY_POSE_FREE_TTO, "implicit", pose_lr=3e-3)
-    pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+    pred = pose_free.predict(model, batch)
     theta0 = {k: (v if k == "pose" else v.detach()) for k, v in pred.theta.items()}
     lam = {k: v.detach() for k, v in pred.lam.items()}
     star, info = layer(theta0, lam, pose_free.context_data(pred, batch))
@@ -183,8 +182,7 @@ def test_scale_aligned_targets_scale_translation_by_the_baseline_ratio():
 def test_pose_loss_is_zero_at_the_true_poses_only(batch):
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
     with torch.no_grad():
-        pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
-                     batch["context_far"])
+        pred = pose_free.predict(model, batch)
     true = se3_log(torch.linalg.inv(batch["context_extrinsics"]))
     exact = pose_free.PoseFreeOutput({**pred.theta, "pose": true}, pred.lam, pred.depth)
     assert float(pose_free.pose_loss(exact, batch)) < 1e-8
@@ -254,8 +252,7 @@ def test_evaluation_with_four_context_views(root, tmp_path):
 def test_pose_loss_weights_the_rotation_entries(batch):
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
     with torch.no_grad():
-        pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
-                     batch["context_far"])
+        pred = pose_free.predict(model, batch)
     true = se3_log(torch.linalg.inv(batch["context_extrinsics"]))
     off = se3_log(se3_exp(torch.tensor([0.0, 0.0, 0.0, 0.02, -0.01, 0.03])) @ se3_exp(true))  # rotation error only
     out = pose_free.PoseFreeOutput({**pred.theta, "pose": off}, pred.lam, pred.depth)
@@ -264,8 +261,7 @@ def test_pose_loss_weights_the_rotation_entries(batch):
     assert float(pose_free.pose_loss(out, batch, rotation_weight=10.0)) == pytest.approx(0.014, rel=1e-3)
     weighted = pose_free.PoseFreeModel(**TINY_POSE_FREE, pose_supervision_rotation=10.0)  # the model's default
     with torch.no_grad():
-        pred10 = weighted(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
-                          batch["context_far"])
+        pred10 = pose_free.predict(weighted, batch)
     out10 = pose_free.PoseFreeOutput({**pred10.theta, "pose": off}, pred10.lam, pred10.depth,
                                      pred10.pose_rotation_weight)
     assert float(pose_free.pose_loss(out10, batch)) == pytest.approx(0.014, rel=1e-3)

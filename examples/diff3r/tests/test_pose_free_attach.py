@@ -38,7 +38,7 @@ def _model(attach):
 
 
 def _predict(model, batch):
-    return model(batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+    return pose_free.predict(model, batch)
 
 
 def test_attached_gaussians_are_the_back_projections_and_place_the_same_world_means(batch):

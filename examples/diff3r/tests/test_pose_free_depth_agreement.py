@@ -123,7 +123,7 @@ def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwi
     batch = pose_free.first_view_frame(default_collate([ds[0]]))
     torch.manual_seed(0)
     model = pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8)
-    pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+    pred = pose_free.predict(model, batch)
     loss = pose_free.depth_agreement_loss(pred, batch)
     assert float(loss.detach()) > 0
     loss.backward()
@@ -165,7 +165,7 @@ def test_depth_loss_against_known_depths(root):
     batch = pose_free.first_view_frame(default_collate([ds[0]]))
     torch.manual_seed(0)
     model = pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8)
-    pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+    pred = pose_free.predict(model, batch)
     gt = batch["context_depths"]
     exact = pose_free.PoseFreeOutput(pred.theta, pred.lam, gt.clone())
     assert float(pose_free.depth_loss(exact, batch)) < 1e-6

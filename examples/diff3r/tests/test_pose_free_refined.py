@@ -77,8 +77,7 @@ def test_refined_rotation_weight_of_the_model_and_its_override(batch):
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE, pose_supervision_rotation=3.0,
                                     pose_supervision_refined_rotation=50.0)
     with torch.no_grad():
-        pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
-                     batch["context_far"])
+        pred = pose_free.predict(model, batch)
     true = se3_log(torch.linalg.inv(batch["context_extrinsics"]))
     off = se3_log(se3_exp(torch.tensor([0.0, 0.0, 0.0, 0.02, -0.01, 0.03])) @ se3_exp(true))
     # A pipeline output with Θ* = the prediction, its poses replaced by ``off`` (``info``:
@@ -139,8 +138,7 @@ def test_translation_scaled_problem_is_the_posed_problem_at_the_scaled_pose(batc
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE)
     with torch.no_grad():
         model.pose_out.bias[:6] = torch.tensor([0.2, -0.1, 0.05, 0.03, -0.02, 0.01])
-        pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
-                     batch["context_far"])
+        pred = pose_free.predict(model, batch)
         data = pose_free.context_data(pred, batch)
         plain = get_problem("gaussian_splatting_posed")
         scaled = pose_free.TranslationScaledProblem(10.0)

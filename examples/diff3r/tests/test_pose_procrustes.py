@@ -141,8 +141,7 @@ def test_procrustes_pose_is_the_motion_between_the_point_maps(batch):
     captured = {}
     model.xview.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
     with torch.no_grad():
-        pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
-                     batch["context_far"])
+        pred = pose_free.predict(model, batch)
     assert pred.theta["pose"].shape == (1, 2, 6) and float(pred.theta["pose"][:, 0].abs().max()) == 0
     out = captured["out"][0].permute(1, 2, 0).reshape(-1, 4)  # view 1's pixels
     H, W = batch["context_images"].shape[-2:]
@@ -160,7 +159,7 @@ def test_procrustes_pose_is_the_motion_between_the_point_maps(batch):
 
 def test_pose_loss_reaches_the_point_map_head_through_procrustes(batch):
     model = _model()
-    pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+    pred = pose_free.predict(model, batch)
     pose_free.pose_loss(pred, batch).backward()
     grad = model.xview[-1].weight.grad
     assert bool(torch.isfinite(grad).all())
