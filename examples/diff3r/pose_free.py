@@ -62,6 +62,7 @@ from examples.diff3r.pose_alignment import relative_pose_errors
 from examples.diff3r.procrustes import weighted_procrustes
 
 __all__ = [
+    "DEPTH_AGREEMENT_FORMS",
     "GROUPS",
     "PoseFreeModel",
     "PoseFreeOutput",
@@ -100,6 +101,26 @@ def _non_negative(name: str, value: Any, positive: bool = False) -> float:
     if not math.isfinite(out) or out < 0 or (positive and out == 0):
         raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
     return out
+
+
+#: Residual forms of the cross-view depth agreement (:func:`cross_view_inverse_depth`).
+DEPTH_AGREEMENT_FORMS = ("inverse", "log", "relative")
+
+
+def _check_depth_agreement_form(name: str, form: Any) -> str:
+    """``form`` if it is one of :data:`DEPTH_AGREEMENT_FORMS`; a ``ValueError`` naming
+    ``name`` and ``form`` otherwise."""
+    if not isinstance(form, str) or form not in DEPTH_AGREEMENT_FORMS:
+        expected = ", ".join(repr(f) for f in DEPTH_AGREEMENT_FORMS)
+        raise ValueError(f"{name}: expected one of {expected}, got {form!r}")
+    return form
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool; a ``ValueError`` naming ``name`` and ``value`` otherwise."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    return value
 
 
 def is_pose_free(model_cfg: Any) -> bool:
@@ -208,6 +229,13 @@ class PoseFreeModel(nn.Module):
         depth_agreement: weight of an optional training term on the predicted depths,
             their cross-view agreement under the true relative context poses
             (:func:`depth_agreement_loss`, read by ``train.py`` in every mode; 0: off).
+        depth_agreement_form: that term's residual (:data:`DEPTH_AGREEMENT_FORMS`):
+            ``"inverse"`` (the default), the inverse-depth difference, which moving
+            every depth to the far bound makes small; ``"log"`` or ``"relative"``,
+            scale-free (see :func:`cross_view_inverse_depth`).
+        depth_agreement_one_sided: count only the points in front of the other view's
+            surface (``depth_agreement_loss(one_sided=True)``), not those behind it,
+            which may be occluded there.
         depth_supervision: weight of an optional training term on the predicted depths
             against the training views' ground-truth depths (:func:`depth_loss`; needs
             data with depth, the procedural generator's; every mode; 0: off). Training
@@ -249,6 +277,8 @@ class PoseFreeModel(nn.Module):
         pose_supervision_refined: float = 0.0,
         pose_supervision_refined_rotation: float | None = None,
         depth_agreement: float = 0.0,
+        depth_agreement_form: str = "inverse",
+        depth_agreement_one_sided: bool = False,
         depth_supervision: float = 0.0,
         pose_estimator: str = "head",
         pose_lam: str = "camera",
@@ -284,6 +314,8 @@ class PoseFreeModel(nn.Module):
         self.pose_supervision_refined_rotation = _non_negative("pose_supervision_refined_rotation",
                                                                pose_supervision_refined_rotation)
         self.depth_agreement = _non_negative("depth_agreement", depth_agreement)
+        self.depth_agreement_form = _check_depth_agreement_form("depth_agreement_form", depth_agreement_form)
+        self.depth_agreement_one_sided = _check_bool("depth_agreement_one_sided", depth_agreement_one_sided)
         self.depth_supervision = _non_negative("depth_supervision", depth_supervision)
         self.register_buffer("lam_init", torch.tensor(values), persistent=False)
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
@@ -577,7 +609,7 @@ def pose_errors_deg(out: PoseFreePipelineOutput, batch: Mapping[str, Tensor]) ->
 
 
 def cross_view_inverse_depth(depth_src: Tensor, K_src: Tensor, K_dst: Tensor, dst_from_src: Tensor,
-                             depth_dst: Tensor) -> tuple[Tensor, Tensor]:
+                             depth_dst: Tensor, form: str = "inverse") -> tuple[Tensor, Tensor]:
     """How a source view's depth map agrees with a destination view's under a relative
     pose: each source pixel center ``p`` is back-projected with its depth,
     ``X = depth_src(p) · K_src⁻¹ p̃``, moved into the destination camera,
@@ -591,13 +623,26 @@ def cross_view_inverse_depth(depth_src: Tensor, K_src: Tensor, K_dst: Tensor, ds
             ``(j + ½, i + ½)``.
         K_src, K_dst: pixel intrinsics ``[B, 3, 3]``.
         dst_from_src: ``[B, 4, 4]``, source camera → destination camera.
+        form: how the two inverse depths ``a = 1/Y_z`` and ``b = depth_dst⁻¹(p')`` are
+            compared (:data:`DEPTH_AGREEMENT_FORMS`): ``"inverse"``, ``a − b`` (in
+            inverse scene units); ``"log"``, ``log a − log b``; ``"relative"``,
+            ``(a − b) / ((a + b)/2)``. The last two depend only on ``a/b`` (scale-free):
+            scaling both depth maps and the relative translation by ``c`` leaves them
+            unchanged, where ``a − b`` is divided by ``c``. So scaling the depth maps
+            alone by ``c`` acts on them only as the translation divided by ``c`` does:
+            consistent depth maps moved far disagree more, not less; depth maps that
+            disagree through the translation's parallax still agree better far away.
 
     Returns:
-        ``(residual, valid)``, both ``[B, H, W]``: ``1/Y_z − depth_dst⁻¹(p')`` and a
-        mask (float) of the source pixels in front of the destination camera whose
-        ``p'`` lies between the destination's outer pixel centers; the residual is 0
-        where invalid.
+        ``(residual, valid)``, both ``[B, H, W]``: the residual of ``form`` and a mask
+        (float) of the source pixels in front of the destination camera whose ``p'``
+        lies between the destination's outer pixel centers; the residual is 0 where
+        invalid.
+
+    Raises:
+        ValueError: for a ``form`` not in :data:`DEPTH_AGREEMENT_FORMS`.
     """
+    _check_depth_agreement_form("form", form)
     B, H, W = depth_src.shape
     v, u = torch.meshgrid(torch.arange(H, dtype=depth_src.dtype, device=depth_src.device) + 0.5,
                           torch.arange(W, dtype=depth_src.dtype, device=depth_src.device) + 0.5, indexing="ij")
@@ -616,17 +661,43 @@ def cross_view_inverse_depth(depth_src: Tensor, K_src: Tensor, K_dst: Tensor, ds
     grid = torch.where(inside.reshape(B, 1, H * W, 1), grid, torch.zeros_like(grid))
     sampled = F.grid_sample((1.0 / depth_dst)[:, None], grid, mode="bilinear", padding_mode="border",
                             align_corners=False).reshape(B, H * W)
-    inv_z = 1.0 / torch.where(in_front, z, torch.ones_like(z))
+    inv_z = 1.0 / torch.where(in_front, z, torch.ones_like(z))  # > 0, as ``sampled`` is: the log is defined
     valid = inside.to(depth_src.dtype)
-    return ((inv_z - sampled) * valid).reshape(B, H, W), valid.reshape(B, H, W)
+    if form == "inverse":
+        residual = inv_z - sampled
+    elif form == "log":
+        residual = torch.log(inv_z) - torch.log(sampled)
+    else:  # relative
+        residual = (inv_z - sampled) / (0.5 * (inv_z + sampled))
+    return (residual * valid).reshape(B, H, W), valid.reshape(B, H, W)
 
 
-def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> Tensor:
+def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], form: str = "inverse",
+                         one_sided: bool = False) -> Tensor:
     """Cross-view agreement of the predicted depths under the *true* relative context
     poses (training only): for every ordered pair of context views ``(s, d)``,
     :func:`cross_view_inverse_depth` of view ``s``'s predicted depth moved into view
-    ``d``; the mean squared inverse-depth residual over the valid pixels, scaled by
-    ``near²`` (dimensionless). A scalar; 0 when no pixel of any pair is valid."""
+    ``d``; the mean squared residual of ``form`` over the valid pixels. ``"inverse"``:
+    the inverse-depth residual scaled by ``near²`` (dimensionless), which shrinks as all
+    depths grow (trained with it, the depths collapse to the far bound); ``"log"``,
+    ``"relative"``: scale-free residuals (see :func:`cross_view_inverse_depth`), used as
+    they are.
+
+    With ``one_sided`` only the positive residuals count: source points *in front of*
+    the destination's surface, which the destination would have seen (a free-space
+    violation). A point behind it may be occluded there, and true depth maps disagree
+    that way at every occlusion; two-sided, those few pixels dominate the squared
+    residual, so that smooth wrong depths score better than the true ones.
+
+    Returns:
+        A scalar; 0 when no pixel of any pair is valid.
+
+    Raises:
+        ValueError: for a ``form`` not in :data:`DEPTH_AGREEMENT_FORMS`, or a
+            ``one_sided`` that is not a bool.
+    """
+    _check_depth_agreement_form("form", form)
+    _check_bool("one_sided", one_sided)
     depth = pred.depth
     B, V, H, W = depth.shape
     imgs = batch["context_images"]
@@ -639,8 +710,13 @@ def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> T
         for d in range(V):
             if s == d:
                 continue
-            res, valid = cross_view_inverse_depth(depth[:, s], K[:, s], K[:, d], w2c[:, d] @ c2w[:, s], depth[:, d])
-            total = total + ((res * near[:, d, None, None]) ** 2).sum()
+            res, valid = cross_view_inverse_depth(depth[:, s], K[:, s], K[:, d], w2c[:, d] @ c2w[:, s], depth[:, d],
+                                                  form=form)
+            if form == "inverse":
+                res = res * near[:, d, None, None]
+            if one_sided:  # every form is positive where 1/Y_z > the destination's: the point is in front
+                res = res.clamp_min(0.0)
+            total = total + (res ** 2).sum()
             count = count + valid.sum()
     return total / count.clamp_min(1.0)
 

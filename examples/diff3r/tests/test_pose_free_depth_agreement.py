@@ -72,11 +72,14 @@ def test_a_plane_agrees_at_the_true_pose_against_its_closed_form(nx, ny, d, f, w
     assert bool(((margin[clear] >= 0).double() == valid[0][clear]).all())
 
 
+@pytest.mark.parametrize("form", pose_free.DEPTH_AGREEMENT_FORMS)
 @settings(max_examples=20, deadline=None)
 @given(scale=st.floats(1.05, 1.5), nx=st.floats(-0.3, 0.3), d=st.floats(3.0, 8.0))
-def test_a_wrong_depth_does_not_agree(scale, nx, d):
-    """The destination's depth scaled by ``scale``: on each valid pixel the residual is
-    ``1/z − 1/(scale·z)`` of the exact depth, so ``(1 − 1/scale)/z``."""
+def test_a_wrong_depth_does_not_agree(form, scale, nx, d):
+    """The destination's depth scaled by ``scale``: on each valid pixel the inverse-depth
+    residual is ``1/z − 1/(scale·z)`` of the exact depth, so ``(1 − 1/scale)/z``; the
+    scale-free ones depend only on the ratio ``scale``: ``log scale`` and
+    ``(scale − 1)/((scale + 1)/2)``."""
     n = torch.tensor([nx, 0.0, 1.0], dtype=torch.float64)
     n = n / n.norm()
     src_to_ref = se3_exp(torch.tensor([0.1, 0.0, 0.0, 0.0, 0.02, 0.0], dtype=torch.float64))
@@ -84,17 +87,107 @@ def test_a_wrong_depth_does_not_agree(scale, nx, d):
     depth_src = _plane_depth(K, src_to_ref, n, d)
     depth_dst = _plane_depth(K, torch.eye(4, dtype=torch.float64), n, d)
     res, valid = pose_free.cross_view_inverse_depth(depth_src[None], K[None], K[None], src_to_ref[None],
-                                                    scale * depth_dst[None])
+                                                    scale * depth_dst[None], form=form)
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
                           indexing="ij")
     X = (torch.stack([u, v, torch.ones_like(u)], dim=-1) @ torch.linalg.inv(K).T) * depth_src[..., None]
     z = (X @ src_to_ref[:3, :3].T + src_to_ref[:3, 3])[..., 2]
-    expected = (1 - 1 / scale) / z * valid[0]
+    per_pixel = {"inverse": (1 - 1 / scale) / z, "log": torch.full_like(z, math.log(scale)),
+                 "relative": torch.full_like(z, (scale - 1) / ((scale + 1) / 2))}[form]
+    expected = per_pixel * valid[0]
     assert float(valid.sum()) > 0
     torch.testing.assert_close(res[0], expected, atol=1e-10, rtol=0)
 
 
-def test_gradient_against_finite_differences():
+def _scaled_plane_pair(nx: float, ny: float, d: float, xi: torch.Tensor, c: float, form: str):
+    """Both depth maps of the plane ``n·X = d`` (the destination is the reference frame)
+    scaled by ``c`` towards far: the residual of ``form`` and the mask."""
+    n = torch.tensor([nx, ny, 1.0], dtype=torch.float64)
+    n = n / n.norm()
+    src_to_ref = se3_exp(xi)
+    K = _K(10.0, W / 2, H / 2)
+    depth_src = _plane_depth(K, src_to_ref, n, d)
+    depth_dst = _plane_depth(K, torch.eye(4, dtype=torch.float64), n, d)
+    res, valid = pose_free.cross_view_inverse_depth(c * depth_src[None], K[None], K[None], src_to_ref[None],
+                                                    c * depth_dst[None], form=form)
+    return res[0], valid[0], float(n @ src_to_ref[:3, 3]) / d
+
+
+def _mean_square(res: torch.Tensor, valid: torch.Tensor) -> float:
+    return float((res ** 2).sum() / valid.sum())
+
+
+_twist = st.tuples(*[st.floats(-0.25, 0.25)] * 3, *[st.floats(-0.05, 0.05)] * 3)
+
+
+@pytest.mark.parametrize("form", ["log", "relative"])
+@settings(max_examples=30, deadline=None)
+@given(nx=st.floats(-0.3, 0.3), ny=st.floats(-0.3, 0.3), d=st.floats(3.0, 6.0), xi=_twist,
+       scales=st.tuples(st.floats(1.0, 4.0), st.floats(1.0, 4.0)))
+def test_scale_free_forms_do_not_decrease_as_consistent_depths_move_far(form, nx, ny, d, xi, scales):
+    """The depths of one plane, consistent at the true pose, all scaled by ``c ≥ 1``
+    towards far. Scaled, the source point is ``c·Y − (c − 1)t`` for the true ``Y`` on the
+    plane, so on every valid pixel the ratio of the two inverse depths is
+    ``1/(1 − (1 − 1/c)·a)``, ``a = n·t/d``: the scale-free residual is that ratio's log
+    or relative difference, 0 at ``c = 1`` and growing in magnitude with ``c`` — moving
+    every depth far cannot lower the scale-free loss (the inverse form's can, test
+    below)."""
+    xi = torch.tensor(xi, dtype=torch.float64)
+    c1, c2 = sorted(scales)
+    out = {}
+    for c in (c1, c2):
+        res, valid, a = _scaled_plane_pair(nx, ny, d, xi, c, form)
+        assert float(valid.sum()) > 0.2 * H * W
+        ratio = 1.0 / (1.0 - (1.0 - 1.0 / c) * a)
+        closed = math.log(ratio) if form == "log" else (ratio - 1.0) / ((ratio + 1.0) / 2.0)
+        torch.testing.assert_close(res, closed * valid, atol=1e-10, rtol=0)
+        out[c] = _mean_square(res, valid)
+    assert out[c2] >= out[c1] - 1e-15
+    if c2 > 1.05 and abs(a) > 1e-3:  # a translation off the plane: scaled, the depths disagree
+        assert out[c2] > 0
+
+
+def test_the_inverse_form_falls_as_consistent_depths_move_far_and_the_scale_free_ones_rise():
+    """The collapse the scale-free forms avoid: the same scaled plane (``a = n·t/d ≠ 0``),
+    ``c`` = 1.5, 3, 6: the inverse form's mean square falls with ``c`` after its
+    maximum, its residual being ``(1/Y_z)·(1 − 1/c)·a/c``-like; log and relative rise."""
+    xi = torch.tensor([0.1, 0.05, 0.2, 0.01, 0.02, -0.01], dtype=torch.float64)
+    loss = {form: [_mean_square(*_scaled_plane_pair(0.1, -0.1, 4.0, xi, c, form)[:2]) for c in (1.5, 3.0, 6.0)]
+            for form in pose_free.DEPTH_AGREEMENT_FORMS}
+    assert loss["inverse"][2] < loss["inverse"][1]
+    for form in ("log", "relative"):
+        assert 0 < loss[form][0] < loss[form][1] < loss[form][2]
+
+
+@pytest.mark.parametrize("form", pose_free.DEPTH_AGREEMENT_FORMS)
+@settings(max_examples=20, deadline=None)
+@given(c=st.floats(0.3, 5.0), seed=st.integers(0, 2**16), xi=_twist)
+def test_scaling_the_depths_and_the_translation_together(form, c, seed, xi):
+    """The scale law on generic depths: both depth maps and the relative translation
+    scaled by ``c`` move every point to the same pixel, so the scale-free residuals are
+    unchanged and the inverse-depth residual is divided by ``c``."""
+    g = torch.Generator().manual_seed(seed)
+    depth_src = 4.0 + torch.rand(1, H, W, dtype=torch.float64, generator=g)
+    depth_dst = 4.0 + torch.rand(1, H, W, dtype=torch.float64, generator=g)
+    K = _K(10.0, W / 2, H / 2)[None]
+    # a generic offset: at the identity every pixel lands on a pixel center, the outer
+    # ones on the mask edge
+    offset = torch.tensor([0.0312, -0.0171, 0.0113, 0.0021, -0.0013, 0.0017], dtype=torch.float64)
+    T = se3_exp(torch.tensor([xi], dtype=torch.float64) + offset)
+    Tc = T.clone()
+    Tc[:, :3, 3] *= c
+    res, valid = pose_free.cross_view_inverse_depth(depth_src, K, K, T, depth_dst, form=form)
+    res_c, valid_c = pose_free.cross_view_inverse_depth(c * depth_src, K, K, Tc, c * depth_dst, form=form)
+    clear = torch.ones_like(valid, dtype=torch.bool)
+    if not torch.equal(valid, valid_c):  # a projection on the mask edge, where rounding decides
+        clear = valid == valid_c
+        assert int((~clear).sum()) <= 2
+    expected = res / c if form == "inverse" else res
+    torch.testing.assert_close(res_c[clear], expected[clear], atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("form", pose_free.DEPTH_AGREEMENT_FORMS)
+def test_gradient_against_finite_differences(form):
     """``gradcheck`` (float64) w.r.t. both depth maps and the relative pose's matrix, on
     generic depths whose projections stay clear of the bilinear kinks and the mask edge."""
     torch.manual_seed(0)
@@ -105,7 +198,7 @@ def test_gradient_against_finite_differences():
     T = T.clone().requires_grad_()
 
     def f(a, b, m):
-        return pose_free.cross_view_inverse_depth(a, K, K, m, b)[0]
+        return pose_free.cross_view_inverse_depth(a, K, K, m, b, form=form)[0]
 
     assert torch.autograd.gradcheck(f, (depth_src, depth_dst, T), eps=1e-7, atol=1e-6)
 
@@ -115,7 +208,9 @@ def root(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("tiny_pose_free_depth") / "data")
 
 
-def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwise(root):
+@pytest.mark.parametrize("form,one_sided", [("inverse", False), ("log", False), ("relative", False),
+                                             ("relative", True), ("log", True)])
+def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwise(root, form, one_sided):
     """On a tiny batch: the model's depths give a positive loss; depths of one plane in
     the first view's frame, computed for each context camera by the closed form, give 0;
     the loss reaches the depth head."""
@@ -124,7 +219,11 @@ def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwi
     torch.manual_seed(0)
     model = pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8)
     pred = pose_free.predict(model, batch)
-    loss = pose_free.depth_agreement_loss(pred, batch)
+
+    def loss_of(p):
+        return pose_free.depth_agreement_loss(p, batch, form=form, one_sided=one_sided)
+
+    loss = loss_of(pred)
     assert float(loss.detach()) > 0
     loss.backward()
     assert float(model.head[-1].weight.grad[model._slices()["depth"]].abs().sum()) > 0
@@ -134,10 +233,40 @@ def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwi
     planes = torch.stack([_plane_depth(K[v], batch["context_extrinsics"][0, v].double(), n, 6.0, TINY_SIZE, TINY_SIZE)
                           for v in range(K.shape[0])])
     plane = pose_free.PoseFreeOutput(pred.theta, pred.lam, planes[None].float())
-    assert float(pose_free.depth_agreement_loss(plane, batch)) < 1e-8
+    assert float(loss_of(plane)) < 1e-8
     far_second = planes[None] * torch.tensor([1.0, 1.2], dtype=torch.float64).reshape(1, 2, 1, 1)
     shifted = pose_free.PoseFreeOutput(pred.theta, pred.lam, far_second.float())  # view 1's depths 20% too far
-    assert float(pose_free.depth_agreement_loss(shifted, batch)) > 1e-4
+    assert float(loss_of(shifted)) > 1e-4
+    # every depth 2× and 3× too far: the scale-free forms do not fall (they rise)
+    far = [float(loss_of(pose_free.PoseFreeOutput(pred.theta, pred.lam, (c * planes[None]).float())))
+           for c in (2.0, 3.0)]
+    if form != "inverse":
+        assert 0 < far[0] <= far[1]
+    # one-sided: only the points in front of the other view's surface
+    if one_sided:
+        two_sided = pose_free.depth_agreement_loss(shifted, batch, form=form)
+        assert 0 < float(loss_of(shifted)) < float(two_sided)
+
+
+def test_config_rejects_a_bad_depth_agreement_form_or_side(root):
+    with pytest.raises(ValueError, match=r"depth_agreement_form: expected one of 'inverse', 'log', 'relative', "
+                                         r"got 'scale'$"):
+        build_model(compose_config(["model=pose_free", "model.depth_agreement_form=scale"]).model)
+    with pytest.raises(ValueError, match=r"depth_agreement_one_sided: expected true or false, got 1$"):
+        build_model(compose_config(["model=pose_free", "model.depth_agreement_one_sided=1"]).model)
+    model = build_model(compose_config(["model=pose_free", "model.depth_agreement_form=log",
+                                        "model.depth_agreement_one_sided=true"]).model)
+    assert model.depth_agreement_form == "log" and model.depth_agreement_one_sided is True
+    preset = compose_config(["model=pose_free"]).model
+    assert preset.depth_agreement_form == "inverse" and preset.depth_agreement_one_sided is False
+    depth, K, T = torch.ones(1, H, W), torch.eye(3)[None], torch.eye(4)[None]
+    with pytest.raises(ValueError, match=r"form: expected one of 'inverse', 'log', 'relative', got 'Log'$"):
+        pose_free.cross_view_inverse_depth(depth, K, K, T, depth, form="Log")
+    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
+    batch = pose_free.first_view_frame(default_collate([ds[0]]))
+    pred = pose_free.predict(pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8), batch)
+    with pytest.raises(ValueError, match=r"one_sided: expected true or false, got 'yes'$"):
+        pose_free.depth_agreement_loss(pred, batch, one_sided="yes")
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan")])
@@ -149,11 +278,12 @@ def test_config_rejects_a_bad_depth_agreement_weight(value):
     assert float(preset.depth_agreement) == 0.0 and float(preset.depth_supervision) == 0.0  # off in the preset
 
 
-def test_training_adds_the_term_in_zero_shot(root, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.depth_agreement_form=relative", "model.depth_agreement_one_sided=true"]])
+def test_training_adds_the_term_in_zero_shot(root, tmp_path, extra):
     def run(name, extra):
         return train(compose_config(tiny_pose_free_overrides(root, tmp_path / name, "zero_shot") + extra))
 
-    off, on = run("off", []), run("on", ["model.depth_agreement=100"])
+    off, on = run("off", []), run("on", ["model.depth_agreement=100", *extra])
     assert math.isfinite(on["last"]["loss"]) and on["last"]["loss"] > off["last"]["loss"]
 
 
