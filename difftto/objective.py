@@ -188,7 +188,8 @@ class InnerObjective:
                 hvp = _fold_linear_map(fn, theta, inputs, owner=type(self.problem),
                                        signature=None if signature is None else (kind, signature),
                                        compile=self.jvp_mode == "compile",
-                                       reference=reference, diagonal=lam)
+                                       reference=reference, diagonal=lam,
+                                       provable=_plain_state(self.problem))
                 if hvp is not None:
                     break
         if hvp is None:
@@ -362,7 +363,8 @@ class InnerObjective:
             inputs = (theta, *[data[k] for k in keys])
             product = _fold_linear_map(gauss_newton, theta, inputs, owner=type(self.problem),
                                        signature=signature, compile=self.jvp_mode == "compile",
-                                       reference=gauss_newton_by_vjps, diagonal=diagonal)
+                                       reference=gauss_newton_by_vjps, diagonal=diagonal,
+                                       provable=_plain_state(self.problem))
 
         def diag():
             exact = self.problem.gauss_newton_diagonal(self.layout.unflatten(theta), data)
@@ -497,14 +499,19 @@ class _Traced:
     :meth:`graph` is ``product`` or ``product`` plus a diagonal term (the proximal
     ``diag Λ``, an input); ``compiled`` holds each compiled (``jvp_mode="compile"``) once
     asked for, kept with the trace (so keyed as it is); ``False`` once compiling it failed
-    or disagreed. ``check`` is the vector every solve checks the product on (seeded, so
-    the same one each time; kept rather than drawn again: a draw costs ~50 ms at 10^6
-    unknowns)."""
+    or disagreed. ``check`` is the vector the product is checked on (seeded, so the same
+    one each time; kept rather than drawn again: a draw costs ~50 ms at 10^6 unknowns).
+    ``proven``: the trace holds at every input of its signature (:func:`_holds_everywhere`),
+    so each product (``"eager"``, or compiled without / with the diagonal: ``False`` /
+    ``True``) is checked on its first use only, and ``verified`` holds those that passed;
+    otherwise every solve checks."""
 
     def __init__(self, constants: torch.fx.GraphModule, product: torch.fx.GraphModule):
         self.constants, self.product = constants, product
         self.compiled: dict[bool, tuple | bool] = {}
         self.check: Tensor | None = None
+        self.proven = False
+        self.verified: set[bool | str] = set()
         self._with_diagonal: torch.fx.GraphModule | None = None
 
     def graph(self, with_diagonal: bool) -> torch.fx.GraphModule:
@@ -647,10 +654,56 @@ def _trace_linear_map(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...],
     return _Traced(constants, torch.fx.GraphModule(torch.nn.Module(), product_graph))
 
 
+class _ValueReads(torch.overrides.TorchFunctionMode):
+    """Notes every read of a tensor's value into Python (``item``, ``bool``, ``float``,
+    ``tolist``, ``numpy``, ...) made under it, on any tensor."""
+
+    READS = frozenset({Tensor.item, Tensor.tolist, Tensor.numpy, Tensor.__array__, Tensor.__bool__,
+                       Tensor.__float__, Tensor.__int__, Tensor.__index__, Tensor.__complex__})
+
+    def __init__(self):
+        super().__init__()
+        self.found = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.found = self.found or func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def _holds_everywhere(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], example: Tensor) -> bool:
+    """Whether a trace of ``fn(*inputs, example)`` holds at every input of the same
+    shapes, dtypes and devices, as far as tensors go: ``fn`` is traced again with fake
+    tensors (shapes without values) and must read no tensor's value into Python (``item``,
+    ``bool``, ``float``, ``tolist``: a branch on the data, or a value baked into the trace,
+    whether of an input or of a tensor it closes over), use no tensor it closes over
+    instead of taking it as an input, and give every value in that trace a static shape
+    (no size that depends on values, e.g. a boolean mask's selection). Python state that
+    is not a tensor is the caller's to cover (the trace's signature)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._pytree import tree_leaves
+
+    reads = _ValueReads()
+    try:
+        with warnings.catch_warnings(), reads:
+            warnings.simplefilter("ignore")
+            fake = make_fx(fn, tracing_mode="fake")(*inputs, example)
+    except Exception:  # noqa: BLE001 - any failure means "not proven": keep checking
+        return False
+    if reads.found:
+        return False
+    symbolic = (torch.SymInt, torch.SymFloat, torch.SymBool)
+    for node in fake.graph.nodes:
+        for value in tree_leaves(node.meta.get("val")):
+            if isinstance(value, symbolic) or (
+                    isinstance(value, Tensor) and not all(isinstance(s, int) for s in value.shape)):
+                return False
+    return True
+
+
 def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tensor, ...] = (),
                      *, owner: object = None, signature: Hashable = None, compile: bool = False,
                      reference: Callable[..., Tensor] | None = None,
-                     diagonal: Tensor | None = None) -> _Folded | None:
+                     diagonal: Tensor | None = None, provable: bool = False) -> _Folded | None:
     """``v ↦ fn(*inputs, v)`` (linear in ``v``, a tensor shaped as ``like``) as a folded
     graph, or ``None`` where it cannot be traced, mutates tensors, or disagrees with
     ``fn`` on a check vector (e.g. an extension kernel the trace cannot see would turn
@@ -661,7 +714,11 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
     of that signature:
     a new linearization point then costs one evaluation of the constant part, not a
     trace. The check against ``fn`` runs on every call, so a trace that does not hold at
-    new inputs (data-dependent control flow) is caught, dropped, and ``None`` returned.
+    new inputs (data-dependent control flow) is caught, dropped, and ``None`` returned;
+    except where the trace is proven to hold at every input of its signature: with
+    ``provable`` (the caller's signature covers all the Python state ``fn`` reads besides
+    its tensor inputs, e.g. a problem whose attributes are all plain values) and
+    :func:`_holds_everywhere` true, each product is checked on its first use only.
     ``reference``, where given, is an eager function equal to ``fn`` (another order of
     differentiation) that the check evaluates instead, being cheaper; ``fn`` where it
     raises (e.g. an operation without a double-backward rule).
@@ -696,6 +753,7 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
             traced = _trace_linear_map(fn, inputs, example)
             if traced is not None:
                 traced.check = check
+                traced.proven = provable and cache is not None and _holds_everywhere(fn, inputs, example)
             if cache is not None:
                 cache[signature] = traced
                 while len(cache) > _TRACES_PER_PROBLEM:
@@ -710,14 +768,20 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
 
         # A second vector: a product the trace did not see would show up as a constant.
         check = traced.check
-        want = None
-        if reference is not None:
-            try:
-                want = reference(*inputs, check)
-            except (NotImplementedError, RuntimeError):
-                want = None
-        if want is None:
-            want = fn(*inputs, check)
+        found: list[Tensor] = []
+
+        def want() -> Tensor:
+            """The eager product on the check vector (computed once, where a check runs)."""
+            if not found:
+                value = None
+                if reference is not None:
+                    try:
+                        value = reference(*inputs, check)
+                    except (NotImplementedError, RuntimeError):
+                        value = None
+                found.append(fn(*inputs, check) if value is None else value)
+            return found[0]
+
         if compile and cache is not None:
             folded = _compiled_fold(traced, apply, constants, check, want, diagonal)
             if folded is not None:
@@ -728,7 +792,7 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
             warn_fallback("a traced product (jvp_mode='compile')", ValueError(
                 "its trace serves one linearization point only (data or problem state holds "
                 "values other than tensors and plain constants), so it is not compiled"))
-        ok = _agrees(apply(check), want)
+        ok = _verified(traced, "eager", lambda: _agrees(apply(check), want()))
     except Exception:  # noqa: BLE001 - any tracing failure means "keep the eager products"
         ok = False
     if not ok:
@@ -738,14 +802,25 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
     return _Folded(apply)
 
 
+def _verified(traced: _Traced, product: bool | str, check: Callable[[], bool]) -> bool:
+    """``check()``, or ``True`` without running it where ``traced`` is proven and this
+    product passed it before (see :class:`_Traced`)."""
+    if traced.proven and product in traced.verified:
+        return True
+    ok = check()
+    if ok:
+        traced.verified.add(product)
+    return ok
+
+
 def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
-                   constants: tuple[Tensor, ...], check: Tensor, want: Tensor,
+                   constants: tuple[Tensor, ...], check: Tensor, want: Callable[[], Tensor],
                    diagonal: Tensor | None) -> _Folded | None:
     """The compiled product of ``traced`` at these ``constants`` (with ``diagonal``: the
     compiled ``product + diagonal ⊙ v``, and the product alone as the same code with a
-    zero diagonal), checked on ``check`` against ``want`` (the eager product there);
-    ``None`` (after a warning, the trace marked uncompilable) where it disagrees or could
-    not be compiled."""
+    zero diagonal), checked on ``check`` against ``want()`` (the eager product there;
+    only where :func:`_verified` runs the check); ``None`` (after a warning, the trace
+    marked uncompilable) where it disagrees or could not be compiled."""
     from .solvers.compiled import input_key, warn_fallback
 
     constants = tuple(c.detach() for c in constants)
@@ -765,7 +840,7 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
             with torch.no_grad():
                 return compiled(v, *constants)
 
-        if _agrees(product(check), want):
+        if _verified(traced, False, lambda: _agrees(product(check), want())):
             return _Folded(product, None, (traced.graph(False), constants))
     else:
         zeros = torch.zeros_like(d)
@@ -785,7 +860,10 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
                 return compiled(v, zeros, *constants)
 
         # Both: the product part alone (a large diagonal would hide its error in the sum).
-        if _agrees(product(check), want) and _agrees(plus_diagonal(check), want + d * check):
+        def agrees() -> bool:
+            return _agrees(product(check), want()) and _agrees(plus_diagonal(check), want() + d * check)
+
+        if _verified(traced, True, agrees):
             return _Folded(product, plus_diagonal, (traced.graph(True), (d, *constants)))
     traced.compiled[with_diagonal] = False
     warn_fallback("a traced product (jvp_mode='compile')", ValueError(
@@ -803,6 +881,12 @@ def _agrees(got, want: Tensor) -> bool:
 
 def _plain(value) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _plain_state(problem: Problem) -> bool:
+    """Whether every attribute of ``problem`` is a plain value (then the trace's signature
+    holds all of its state; other state, e.g. a dict, can change in place unseen)."""
+    return all(_plain(v) for v in getattr(problem, "__dict__", {}).values())
 
 
 def _signature(kind: str, problem: Problem, layout: Layout, data: Data
@@ -824,7 +908,7 @@ def _signature(kind: str, problem: Problem, layout: Layout, data: Data
             return keys, None
     state = getattr(problem, "__dict__", {})
     owner = tuple(sorted((k, type(v).__name__, v) for k, v in state.items() if _plain(v)))
-    if not all(_plain(v) for v in state.values()):
+    if not _plain_state(problem):
         owner += (("instance", id(problem)),)
     return keys, (kind, owner, layout, tuple(parts))
 

@@ -342,3 +342,105 @@ def test_auto_does_not_trace_when_the_data_holds_state(monkeypatch):
     v = torch.ones_like(theta)
     torch.testing.assert_close(forced.mv(v), auto.gauss_newton_operator(theta).mv(v),
                                rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------- traces proven to hold everywhere
+_SCALE = torch.tensor([2.0], dtype=torch.float64)
+
+
+class _ClosesOver(difftto.Problem):
+    """Reads the value of a tensor it does not take as data (a module-level one): a trace
+    bakes that value in, so the trace is not proven and every solve checks it."""
+
+    def residuals(self, theta, data):
+        return float(_SCALE) * torch.tanh(theta) - data["y"]
+
+
+def _count_checks(monkeypatch):
+    calls = []
+    agrees = objective_module._agrees
+
+    def counting(got, want):
+        calls.append(1)
+        return agrees(got, want)
+
+    monkeypatch.setattr(objective_module, "_agrees", counting)
+    return calls
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_a_proven_trace_is_checked_once_and_stays_exact_at_new_points(seed, dtype):
+    # A problem of tensor operations only, with plain attributes: the fake-tensor trace
+    # proves the trace holds at every point of its signature, so the check vector runs on
+    # the first solve only; the products at the later points are still exact.
+    class _Once(_Coupled):
+        pass
+
+    calls = []
+    agrees = objective_module._agrees
+    objective_module._agrees = lambda got, want: calls.append(1) or agrees(got, want)
+    try:
+        problem = _Once()
+        for k in range(3):
+            case = {"batch": 2, "n": 6, "m": 3, "dtype": dtype, "seed": (seed + k) % 2**31}
+            data, theta, lam = _setup(case)
+            op = _objective(problem, theta, lam, data, "linearize").gauss_newton_operator(theta)
+            assert op.a._product is not None
+            assert len(calls) == 1, f"solve {k}: {len(calls)} checks, expected the first solve's only"
+            jac = _dense_jacobian(problem, theta, data)
+            v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64).to(dtype)
+            want = (jac.transpose(1, 2) @ jac @ v[..., None])[..., 0] + lam * v
+            torch.testing.assert_close(op.mv(v), want, **_tol(dtype))
+    finally:
+        objective_module._agrees = agrees
+    (traced,) = [t for t in objective_module._TRACES[_Once].values() if t is not None]
+    assert traced.proven and traced.verified == {"eager"}
+
+
+def test_a_trace_of_a_closed_over_tensor_is_checked_every_solve(monkeypatch):
+    calls = _count_checks(monkeypatch)
+    problem = _ClosesOver()
+    theta = torch.full((1, 5), 0.3, dtype=torch.float64)
+    y = torch.zeros(1, 5, dtype=torch.float64)
+
+    def operator():
+        return InnerObjective(problem, Layout.of(theta), {"y": y}, None,
+                              jvp_mode="linearize").gauss_newton_operator(theta)
+
+    assert operator()._product is not None
+    (traced,) = [t for t in objective_module._TRACES[_ClosesOver].values() if t is not None]
+    assert not traced.proven
+    before = len(calls)
+    original = _SCALE.clone()
+    try:
+        _SCALE.fill_(3.0)  # changed in place: same signature, the baked-in 2 no longer holds
+        op = operator()
+        assert len(calls) > before, "the unproven trace was not checked"
+        assert op._product is None  # dropped; the eager products are exact
+        v = torch.ones_like(theta)
+        torch.testing.assert_close(op.mv(v), (3.0 * (1 - torch.tanh(theta).pow(2))).pow(2) * v)
+    finally:
+        _SCALE.copy_(original)
+
+
+def test_holds_everywhere_refuses_value_reads_closed_over_tensors_and_dynamic_shapes():
+    x, w, v = (torch.randn(4, dtype=torch.float64) for _ in range(3))
+    holds = objective_module._holds_everywhere
+    assert holds(lambda x, w, v: torch.func.jvp(lambda y: w * torch.tanh(y) * torch.tensor(3.0),
+                                                (x,), (v,))[1], (x, w), v)
+    assert not holds(lambda x, w, v: v * float(w.sum()), (x, w), v)  # a value read
+    assert not holds(lambda x, w, v: 2 * v if bool((x > 0).all()) else v, (x, w), v)  # a branch
+    assert not holds(lambda x, w, v: v * _SCALE, (x, w), v)  # a tensor it closes over
+    assert not holds(lambda x, w, v: v * float(_SCALE), (x, w), v)  # ... and its value
+    assert not holds(lambda x, w, v: v * torch.tensor(3.0).item(), (x, w), v)  # any value read
+    assert not holds(lambda x, w, v: v[x > 0].sum() * v, (x, w), v)  # a value-dependent size
+
+
+def test_problem_state_other_than_plain_values_is_never_proven():
+    # _ConstantBranch's dict can change in place under one signature (the test above that
+    # drops a stale trace): its traces stay checked on every solve.
+    problem, point, operator = _stale_setup()
+    assert operator()._product is not None
+    traced = [t for t in objective_module._TRACES[_ConstantBranch].values() if t is not None]
+    assert traced and not any(t.proven for t in traced)
