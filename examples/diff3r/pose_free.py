@@ -116,6 +116,17 @@ def _check_depth_agreement_form(name: str, form: Any) -> str:
     return form
 
 
+def _check_contrast(name: str, value: Any) -> float:
+    """``value`` as a float in ``[0, 1)``; a ``ValueError`` naming ``name`` and ``value`` otherwise."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}") from None
+    if not 0 <= out < 1:  # also rejects nan
+        raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+    return out
+
+
 def _check_bool(name: str, value: Any) -> bool:
     """``value`` if it is a bool; a ``ValueError`` naming ``name`` and ``value`` otherwise."""
     if not isinstance(value, bool):
@@ -236,6 +247,10 @@ class PoseFreeModel(nn.Module):
         depth_agreement_one_sided: count only the points in front of the other view's
             surface (``depth_agreement_loss(one_sided=True)``), not those behind it,
             which may be occluded there.
+        depth_agreement_contrast: ``δ`` in ``[0, 1)``; > 0: the term is divided by its
+            value with the relative translations scaled by ``1 ± δ``
+            (``depth_agreement_loss(contrast=δ)``), so depths far away, which agree
+            under any small translation, do not satisfy it (0: off).
         depth_supervision: weight of an optional training term on the predicted depths
             against the training views' ground-truth depths (:func:`depth_loss`; needs
             data with depth, the procedural generator's; every mode; 0: off). Training
@@ -279,6 +294,7 @@ class PoseFreeModel(nn.Module):
         depth_agreement: float = 0.0,
         depth_agreement_form: str = "inverse",
         depth_agreement_one_sided: bool = False,
+        depth_agreement_contrast: float = 0.0,
         depth_supervision: float = 0.0,
         pose_estimator: str = "head",
         pose_lam: str = "camera",
@@ -316,6 +332,7 @@ class PoseFreeModel(nn.Module):
         self.depth_agreement = _non_negative("depth_agreement", depth_agreement)
         self.depth_agreement_form = _check_depth_agreement_form("depth_agreement_form", depth_agreement_form)
         self.depth_agreement_one_sided = _check_bool("depth_agreement_one_sided", depth_agreement_one_sided)
+        self.depth_agreement_contrast = _check_contrast("depth_agreement_contrast", depth_agreement_contrast)
         self.depth_supervision = _non_negative("depth_supervision", depth_supervision)
         self.register_buffer("lam_init", torch.tensor(values), persistent=False)
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
@@ -673,7 +690,7 @@ def cross_view_inverse_depth(depth_src: Tensor, K_src: Tensor, K_dst: Tensor, ds
 
 
 def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], form: str = "inverse",
-                         one_sided: bool = False) -> Tensor:
+                         one_sided: bool = False, contrast: float = 0.0) -> Tensor:
     """Cross-view agreement of the predicted depths under the *true* relative context
     poses (training only): for every ordered pair of context views ``(s, d)``,
     :func:`cross_view_inverse_depth` of view ``s``'s predicted depth moved into view
@@ -689,36 +706,58 @@ def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], form
     that way at every occlusion; two-sided, those few pixels dominate the squared
     residual, so that smooth wrong depths score better than the true ones.
 
+    With ``contrast = δ > 0`` the loss is that mean square divided by the mean of the
+    same with every relative translation scaled by ``1 + δ`` and ``1 − δ`` (the camera
+    centers scaled about the first one's): how much better the depths agree under the
+    true translation than under a wrong one. Far depths agree under any small
+    translation, so they score ≈ 1 there, where the plain loss scores them ≈ 0; the
+    true depths score ≈ 0.
+
     Returns:
         A scalar; 0 when no pixel of any pair is valid.
 
     Raises:
-        ValueError: for a ``form`` not in :data:`DEPTH_AGREEMENT_FORMS`, or a
-            ``one_sided`` that is not a bool.
+        ValueError: for a ``form`` not in :data:`DEPTH_AGREEMENT_FORMS`, a ``one_sided``
+            that is not a bool, or a ``contrast`` outside ``[0, 1)``.
     """
     _check_depth_agreement_form("form", form)
     _check_bool("one_sided", one_sided)
+    contrast = _check_contrast("contrast", contrast)
     depth = pred.depth
     B, V, H, W = depth.shape
     imgs = batch["context_images"]
     K = batch["context_intrinsics"] * imgs.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)  # [B, V, 3, 3]
-    w2c = _invert(batch["context_extrinsics"])  # first view's frame
-    c2w = batch["context_extrinsics"]
     near = batch["context_near"]
-    total, count = depth.new_zeros(()), depth.new_zeros(())
-    for s in range(V):
-        for d in range(V):
-            if s == d:
-                continue
-            res, valid = cross_view_inverse_depth(depth[:, s], K[:, s], K[:, d], w2c[:, d] @ c2w[:, s], depth[:, d],
-                                                  form=form)
-            if form == "inverse":
-                res = res * near[:, d, None, None]
-            if one_sided:  # every form is positive where 1/Y_z > the destination's: the point is in front
-                res = res.clamp_min(0.0)
-            total = total + (res ** 2).sum()
-            count = count + valid.sum()
-    return total / count.clamp_min(1.0)
+
+    def mean_square(c2w: Tensor) -> Tensor:
+        w2c = _invert(c2w)
+        total, count = depth.new_zeros(()), depth.new_zeros(())
+        for s in range(V):
+            for d in range(V):
+                if s == d:
+                    continue
+                res, valid = cross_view_inverse_depth(depth[:, s], K[:, s], K[:, d], w2c[:, d] @ c2w[:, s],
+                                                      depth[:, d], form=form)
+                if form == "inverse":
+                    res = res * near[:, d, None, None]
+                if one_sided:  # every form is positive where 1/Y_z > the destination's: the point is in front
+                    res = res.clamp_min(0.0)
+                total = total + (res ** 2).sum()
+                count = count + valid.sum()
+        return total / count.clamp_min(1.0)
+
+    c2w = batch["context_extrinsics"]  # first view's frame
+    loss = mean_square(c2w)
+    if contrast == 0:
+        return loss
+
+    def translation_scaled(factor: float) -> Tensor:
+        out = c2w.clone()
+        out[..., :3, 3] = factor * c2w[..., :3, 3]
+        return out
+
+    wrong = 0.5 * (mean_square(translation_scaled(1 + contrast)) + mean_square(translation_scaled(1 - contrast)))
+    return loss / (wrong + 1e-12)
 
 
 def depth_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> Tensor:

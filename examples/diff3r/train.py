@@ -368,7 +368,8 @@ def train(cfg: DictConfig) -> dict:
                 loss = loss + core.pose_supervision_refined * pose_free.refined_pose_loss(out, batch)
             if is_pose_free and core.depth_agreement > 0:  # predicted depths agree across the true poses
                 loss = loss + core.depth_agreement * pose_free.depth_agreement_loss(
-                    out.prediction, batch, form=core.depth_agreement_form, one_sided=core.depth_agreement_one_sided)
+                    out.prediction, batch, form=core.depth_agreement_form, one_sided=core.depth_agreement_one_sided,
+                    contrast=core.depth_agreement_contrast)
             if is_pose_free and core.depth_supervision > 0:  # training views' depths (data with depth)
                 loss = loss + core.depth_supervision * pose_free.depth_loss(out.prediction, batch)
             if lpips_module is not None:

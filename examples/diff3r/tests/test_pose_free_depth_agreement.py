@@ -203,14 +203,101 @@ def test_gradient_against_finite_differences(form):
     assert torch.autograd.gradcheck(f, (depth_src, depth_dst, T), eps=1e-7, atol=1e-6)
 
 
+def _two_view_batch(c2w_1: torch.Tensor, f: float = 10.0) -> dict[str, torch.Tensor]:
+    """A batch of two ``H×W`` context views in the first one's frame (float64):
+    normalized intrinsics, camera-to-world poses, ``near`` 1 (what
+    :func:`pose_free.depth_agreement_loss` reads)."""
+    K = _K(f, W / 2, H / 2) / torch.tensor([float(W), float(H), 1.0], dtype=torch.float64)[:, None]
+    return {"context_images": torch.zeros(1, 2, 3, H, W, dtype=torch.float64),
+            "context_intrinsics": K.expand(1, 2, 3, 3).clone(),
+            "context_extrinsics": torch.stack([torch.eye(4, dtype=torch.float64), c2w_1])[None],
+            "context_near": torch.ones(1, 2, dtype=torch.float64)}
+
+
+def _with_depth(depth: torch.Tensor) -> pose_free.PoseFreeOutput:
+    return pose_free.PoseFreeOutput({}, {}, depth)
+
+
+def _plane_pair_batch(nx: float, ny: float, d: float, xi) -> tuple[dict, torch.Tensor]:
+    """The depth maps ``[1, 2, H, W]`` of the plane ``n·X = d`` (first view's frame) and
+    the batch of the two cameras (view 1 at ``se3_exp(xi)``, camera → first view)."""
+    n = torch.tensor([nx, ny, 1.0], dtype=torch.float64)
+    n = n / n.norm()
+    c2w_1 = se3_exp(torch.tensor(xi, dtype=torch.float64))
+    K = _K(10.0, W / 2, H / 2)
+    depths = torch.stack([_plane_depth(K, torch.eye(4, dtype=torch.float64), n, d), _plane_depth(K, c2w_1, n, d)])
+    return _two_view_batch(c2w_1), depths[None]
+
+
+@settings(max_examples=40, deadline=None)
+@given(nx=st.floats(-0.3, 0.3), ny=st.floats(-0.3, 0.3), d=st.floats(3.0, 6.0), xi=_twist,
+       scales=st.tuples(st.floats(1.0, 4.0), st.floats(1.0, 4.0)), contrast=st.floats(0.2, 0.6),
+       one_sided=st.booleans())
+def test_the_contrast_is_zero_at_the_truth_and_does_not_fall_towards_far(nx, ny, d, xi, scales, contrast,
+                                                                          one_sided):
+    """Two cameras on a plane, the depth maps scaled by ``c ≥ 1`` towards far. The
+    contrast (the loss under the true translation over its mean under ``1 ± δ`` times
+    it) is 0 at ``c = 1``; per pair of views it is a ratio of squares of functions of
+    ``1 − τ/c`` (the scaled plane's closed form above), ≈ ``(c − 1)²/((c − 1)² + δ²)``
+    for small motions: two-sided it does not fall as ``c`` grows. One-sided, which pair
+    counts switches at ``c = 1 + δ`` under the translation ``1 + δ``, and the ratio
+    is not exactly monotone (a 0.2% dip near 1 found), so only its range is checked."""
+    batch, depths = _plane_pair_batch(nx, ny, d, xi)
+    c1, c2 = sorted(scales)
+    out = [float(pose_free.depth_agreement_loss(_with_depth(c * depths), batch, form="relative",
+                                                one_sided=one_sided, contrast=contrast)) for c in (1.0, c1, c2)]
+    assert out[0] < 1e-12
+    assert 0 <= out[1] <= 1.5 and 0 <= out[2] <= 1.5
+    if not one_sided:
+        assert out[2] >= out[1] - 1e-12
+
+
+@settings(max_examples=15, deadline=None)
+@given(c=st.floats(0.3, 5.0), seed=st.integers(0, 2**16), xi=_twist, contrast=st.floats(0.0, 0.6),
+       one_sided=st.booleans())
+def test_the_contrast_is_scale_free(c, seed, xi, contrast, one_sided):
+    """Generic depths: scaling the depth maps and the camera centers by ``c`` leaves the
+    log-form loss, and its contrast, unchanged (the scale law, through the loss)."""
+    g = torch.Generator().manual_seed(seed)
+    depths = 4.0 + torch.rand(1, 2, H, W, dtype=torch.float64, generator=g)
+    offset = torch.tensor([0.0312, -0.0171, 0.0113, 0.0021, -0.0013, 0.0017], dtype=torch.float64)
+    c2w_1 = se3_exp(torch.tensor(xi, dtype=torch.float64) + offset)
+    scaled = c2w_1.clone()
+    scaled[:3, 3] *= c
+    kw = {"form": "log", "one_sided": one_sided, "contrast": contrast}
+    base = pose_free.depth_agreement_loss(_with_depth(depths), _two_view_batch(c2w_1), **kw)
+    moved = pose_free.depth_agreement_loss(_with_depth(c * depths), _two_view_batch(scaled), **kw)
+    torch.testing.assert_close(moved, base, atol=1e-12, rtol=1e-9)
+
+
+def test_the_contrast_scores_far_depths_like_wrong_ones():
+    """The collapse that the plain scale-free loss allows: depth maps at the far bound
+    (15; constant) agree almost perfectly under a small translation, so the relative
+    loss is tiny — smaller than for the true plane's depths 20% off — but they agree
+    as well under a wrong translation, so their contrast is ≈ 1, and the true depths'
+    is 0."""
+    batch, depths = _plane_pair_batch(0.1, -0.1, 4.0, [0.2, 0.05, 0.1, 0.01, 0.02, -0.01])
+    far = torch.full_like(depths, 15.0)
+    off = depths * torch.tensor([1.0, 1.2], dtype=torch.float64).reshape(1, 2, 1, 1)
+
+    def loss(x, contrast):
+        return float(pose_free.depth_agreement_loss(_with_depth(x), batch, form="relative", contrast=contrast))
+
+    assert loss(far, 0.0) < loss(off, 0.0)
+    assert 0.7 < loss(far, 0.5) < 1.3
+    assert loss(depths, 0.5) < 1e-12
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("tiny_pose_free_depth") / "data")
 
 
-@pytest.mark.parametrize("form,one_sided", [("inverse", False), ("log", False), ("relative", False),
-                                             ("relative", True), ("log", True)])
-def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwise(root, form, one_sided):
+@pytest.mark.parametrize("form,one_sided,contrast", [("inverse", False, 0.0), ("log", False, 0.0),
+                                                      ("relative", False, 0.0), ("relative", True, 0.0),
+                                                      ("log", True, 0.0), ("relative", True, 0.5),
+                                                      ("log", False, 0.3)])
+def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwise(root, form, one_sided, contrast):
     """On a tiny batch: the model's depths give a positive loss; depths of one plane in
     the first view's frame, computed for each context camera by the closed form, give 0;
     the loss reaches the depth head."""
@@ -221,7 +308,7 @@ def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwi
     pred = pose_free.predict(model, batch)
 
     def loss_of(p):
-        return pose_free.depth_agreement_loss(p, batch, form=form, one_sided=one_sided)
+        return pose_free.depth_agreement_loss(p, batch, form=form, one_sided=one_sided, contrast=contrast)
 
     loss = loss_of(pred)
     assert float(loss.detach()) > 0
@@ -243,7 +330,7 @@ def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwi
     if form != "inverse":
         assert 0 < far[0] <= far[1]
     # one-sided: only the points in front of the other view's surface
-    if one_sided:
+    if one_sided and contrast == 0:
         two_sided = pose_free.depth_agreement_loss(shifted, batch, form=form)
         assert 0 < float(loss_of(shifted)) < float(two_sided)
 
@@ -254,11 +341,15 @@ def test_config_rejects_a_bad_depth_agreement_form_or_side(root):
         build_model(compose_config(["model=pose_free", "model.depth_agreement_form=scale"]).model)
     with pytest.raises(ValueError, match=r"depth_agreement_one_sided: expected true or false, got 1$"):
         build_model(compose_config(["model=pose_free", "model.depth_agreement_one_sided=1"]).model)
+    for bad in ("-0.1", "1.0", "nan", "x"):
+        with pytest.raises(ValueError, match=r"depth_agreement_contrast: expected a number in \[0, 1\), got "):
+            build_model(compose_config(["model=pose_free", f"model.depth_agreement_contrast={bad}"]).model)
     model = build_model(compose_config(["model=pose_free", "model.depth_agreement_form=log",
                                         "model.depth_agreement_one_sided=true"]).model)
     assert model.depth_agreement_form == "log" and model.depth_agreement_one_sided is True
     preset = compose_config(["model=pose_free"]).model
     assert preset.depth_agreement_form == "inverse" and preset.depth_agreement_one_sided is False
+    assert float(preset.depth_agreement_contrast) == 0.0
     depth, K, T = torch.ones(1, H, W), torch.eye(3)[None], torch.eye(4)[None]
     with pytest.raises(ValueError, match=r"form: expected one of 'inverse', 'log', 'relative', got 'Log'$"):
         pose_free.cross_view_inverse_depth(depth, K, K, T, depth, form="Log")
@@ -267,6 +358,8 @@ def test_config_rejects_a_bad_depth_agreement_form_or_side(root):
     pred = pose_free.predict(pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8), batch)
     with pytest.raises(ValueError, match=r"one_sided: expected true or false, got 'yes'$"):
         pose_free.depth_agreement_loss(pred, batch, one_sided="yes")
+    with pytest.raises(ValueError, match=r"contrast: expected a number in \[0, 1\), got 1.5$"):
+        pose_free.depth_agreement_loss(pred, batch, contrast=1.5)
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan")])
@@ -278,7 +371,8 @@ def test_config_rejects_a_bad_depth_agreement_weight(value):
     assert float(preset.depth_agreement) == 0.0 and float(preset.depth_supervision) == 0.0  # off in the preset
 
 
-@pytest.mark.parametrize("extra", [[], ["model.depth_agreement_form=relative", "model.depth_agreement_one_sided=true"]])
+@pytest.mark.parametrize("extra", [[], ["model.depth_agreement_form=relative", "model.depth_agreement_one_sided=true"],
+                                   ["model.depth_agreement_form=relative", "model.depth_agreement_contrast=0.5"]])
 def test_training_adds_the_term_in_zero_shot(root, tmp_path, extra):
     def run(name, extra):
         return train(compose_config(tiny_pose_free_overrides(root, tmp_path / name, "zero_shot") + extra))
