@@ -698,7 +698,9 @@ def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], form
     the inverse-depth residual scaled by ``near²`` (dimensionless), which shrinks as all
     depths grow (trained with it, the depths collapse to the far bound); ``"log"``,
     ``"relative"``: scale-free residuals (see :func:`cross_view_inverse_depth`), used as
-    they are.
+    they are. Scaling the depths alone still shrinks the parallax they are compared
+    by, and trained with ``"relative"`` the depths collapse to the far bound too
+    (README, pose-free: "Scale-free depth agreement").
 
     With ``one_sided`` only the positive residuals count: source points *in front of*
     the destination's surface, which the destination would have seen (a free-space
@@ -711,7 +713,7 @@ def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], form
     centers scaled about the first one's): how much better the depths agree under the
     true translation than under a wrong one. Far depths agree under any small
     translation, so they score ≈ 1 there, where the plain loss scores them ≈ 0; the
-    true depths score ≈ 0.
+    true depths score ≈ 0. (Trained with it, the depths went too near instead: README.)
 
     Returns:
         A scalar; 0 when no pixel of any pair is valid.
