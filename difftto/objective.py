@@ -13,6 +13,7 @@ values, gradients, residuals and the two curvature operators:
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 import weakref
 from collections import OrderedDict
@@ -50,7 +51,10 @@ class InnerObjective:
             (reverse-over-reverse on one retained graph; needs only double backward),
             ``"linearize"`` (the whole product ``JᵀJ·v`` / ``∇²D·v`` traced once per
             problem class and shape, with everything that does not depend on ``v``
-            precomputed per linearization point, see :func:`_fold_linear_map`; falls
+            precomputed per linearization point and each chain of scalings of ``v``
+            merged into one, see :func:`_fold_linear_map`; checked against the eager
+            product on every solve, or on the first only where the trace is proven to
+            hold at every point; falls
             back to ``"auto"`` where the trace fails), ``"auto"`` (``"linearize"`` from
             ``LINEARIZE_MIN_NUMEL`` unknowns in the batch on when the trace can be
             reused, i.e. ``data`` holds only tensors and plain values; otherwise the
@@ -425,9 +429,10 @@ def _probe_diagonal(sample: Callable[[Tensor], Tensor], theta: Tensor, probes: i
 # A product with J, Jᵀ, JᵀJ or ∇²D at a fixed θ through torch.func re-runs the primal
 # computation (tanh θ, the rasterizer's geometry, ...) and the autograd bookkeeping on
 # every call; PCG makes tens to hundreds of calls at one θ. ``_fold_linear_map`` traces
-# the product once with ``make_fx`` (θ and the data are constants of the trace),
-# evaluates every node that does not depend on the vector once, and keeps a graph of the
-# rest: each product then runs only the vector-dependent operations.
+# the product once with ``make_fx`` (θ and the data are constants of the trace), merges
+# each chain of scalings by such constants into one (``_fold_scalings``), evaluates every
+# node that does not depend on the vector once, and keeps a graph of the rest: each
+# product then runs only the vector-dependent operations.
 
 LINEARIZE_MIN_NUMEL = 10_000  # below this the trace (tens of ms) costs more than it saves
 
@@ -437,10 +442,12 @@ def _is_mutating(node) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
-def _simplify(graph) -> None:
+def _simplify(graph) -> bool:
     """Removes the no-op copies forward-mode AD leaves in a trace (``expand`` to the same
     shape, ``_to_copy`` to the same dtype/device, ``mul`` by 1) and ``slice(cat(...))``
-    that picks one piece back out. Exact: every rewrite returns the same values."""
+    that picks one piece back out. Exact: every rewrite returns the same values. Returns
+    whether it rewrote anything."""
+    changed = False
     aten = torch.ops.aten
 
     def val(n):
@@ -490,7 +497,170 @@ def _simplify(graph) -> None:
         if repl is not None:
             node.replace_all_uses_with(repl)
             graph.erase_node(node)
+            changed = True
     graph.eliminate_dead_code()
+    return changed
+
+
+def _fold_scalings(graph, vector) -> None:
+    """Rewrites the vector-dependent part of a traced linear map so that each chain of
+    scalings by values that do not depend on the vector (constants) becomes one scaling
+    by a constant computed once per linearization point:
+
+    - ``tanh_backward(x, c)`` → ``x ⊙ (1 − c²)``, ``sigmoid_backward(x, c)`` → ``x ⊙ (c − c²)``;
+    - ``(x ⊙ a) ⊙ b`` → ``x ⊙ (a ⊙ b)``; ``x ⊙ a + x ⊙ b`` → ``x ⊙ (a + b)``;
+    - ``slice(x ⊙ k)`` → ``slice(x) ⊙ slice(k)`` where every user of ``x ⊙ k`` is a slice
+      (so that :func:`_simplify`'s ``slice(cat(...))`` rule then picks one piece);
+    - a ``view`` to the shape it has, a one-piece ``cat``, the one piece of a ``split``:
+      dropped; and :func:`_simplify`'s rules.
+
+    ``x`` depends on the vector; ``a``, ``b``, ``c``, ``k`` do not and are numbers or
+    tensors of the result's dtype (no promotion moves the arithmetic to another
+    precision), and no new constant is larger than both it replaces. Exact in real
+    arithmetic; in floating point the result differs from the traced one by rounding
+    (the caller checks it against the eager product). The constants are new nodes that
+    do not depend on the vector, so splitting the graph computes them with the others."""
+    aten = torch.ops.aten
+    muls = (aten.mul.Tensor, aten.mul.Scalar)
+    views = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+    splits = (aten.split_with_sizes.default, aten.split.Tensor)
+
+    def val(a):
+        return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+    def number(a):
+        return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+    def same_shape(a, b):
+        return isinstance(val(a), Tensor) and isinstance(val(b), Tensor) and val(a).shape == val(b).shape
+
+    dependent: set = set()
+
+    def constant(a, dtype) -> bool:
+        return number(a) or (isinstance(a, torch.fx.Node) and a not in dependent
+                             and isinstance(val(a), Tensor) and val(a).dtype == dtype)
+
+    def operands(node):
+        """``(x, k)`` for ``mul(x, k)`` or ``mul(k, x)``, ``x`` dependent, ``k`` a constant."""
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in muls
+                and len(node.args) == 2 and not node.kwargs and isinstance(val(node), Tensor)):
+            return None
+        for x, k in (node.args, node.args[::-1]):
+            if isinstance(x, torch.fx.Node) and x in dependent and constant(k, val(node).dtype):
+                return x, k
+        return None
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+
+    def like(v):
+        """A fake tensor of ``v``'s shape, strides, dtype and device (``v`` if a number)."""
+        if not isinstance(v, Tensor):
+            return v
+        with mode:
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+
+    def emit(target, args, before):
+        with graph.inserting_before(before):
+            node = graph.call_function(target, tuple(args))
+        fakes = [like(val(a)) for a in args]
+        with mode:
+            node.meta["val"] = target(*fakes)
+        if any(isinstance(a, torch.fx.Node) and a in dependent for a in args):
+            dependent.add(node)
+        return node
+
+    def combine(a, b, op, before):
+        """``a ⊙ b`` or ``a + b`` of two constants (a number where both are); ``None``
+        where the result would be larger than both (an outer product)."""
+        if number(a) and number(b):
+            return a * b if op == "mul" else a + b
+        if number(a):
+            a, b = b, a
+        if number(b):
+            return emit(aten.mul.Scalar if op == "mul" else aten.add.Scalar, (a, b), before)
+        if torch.broadcast_shapes(val(a).shape, val(b).shape) not in (val(a).shape, val(b).shape):
+            return None
+        return emit(aten.mul.Tensor if op == "mul" else aten.add.Tensor, (a, b), before)
+
+    def scale(x, k, before):
+        return emit(aten.mul.Scalar if number(k) else aten.mul.Tensor, (x, k), before)
+
+    def rewrite(node):
+        target, args, out = node.target, node.args, val(node)
+        if target is aten.cat.default:
+            pieces = args[0]
+            return pieces[0] if len(pieces) == 1 and same_shape(pieces[0], node) else None
+        src = args[0] if args else None
+        if not isinstance(src, torch.fx.Node) or not isinstance(out, Tensor):
+            return None
+        if target in views:
+            return src if same_shape(src, node) else None
+        if target is operator.getitem:
+            whole = src.args[0] if src.op == "call_function" and src.target in splits else None
+            return whole if whole is not None and args[1] == 0 and same_shape(whole, node) else None
+        if target in (aten.tanh_backward.default, aten.sigmoid_backward.default) and len(args) == 2:
+            c = args[1]
+            if constant(c, out.dtype) and not number(c) and same_shape(c, node) and same_shape(src, node):
+                square = emit(aten.mul.Tensor, (c, c), node)
+                k = (emit(aten.rsub.Scalar, (square, 1), node) if target is aten.tanh_backward.default
+                     else emit(aten.sub.Tensor, (c, square), node))
+                return scale(src, k, node)
+            return None
+        if target in muls:
+            found = operands(node)
+            inner = None if found is None else operands(found[0])
+            if inner is not None:
+                ab = combine(inner[1], found[1], "mul", node)
+                return None if ab is None else scale(inner[0], ab, node)
+            return None
+        if target is aten.add.Tensor and len(args) == 2 and not node.kwargs:
+            left, right = operands(args[0]), operands(args[1])
+            if left is not None and right is not None and left[0] is right[0] and same_shape(left[0], node):
+                total = combine(left[1], right[1], "add", node)
+                return None if total is None else scale(left[0], total, node)
+            return None
+        if target is aten.slice.Tensor:
+            found = operands(src)
+            if found is None or not all(u.op == "call_function" and u.target is aten.slice.Tensor
+                                        for u in src.users):
+                return None
+            x, k = found
+            whole = val(src)
+            dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1:])[:4]
+            dim = dim % whole.dim()
+            if not same_shape(x, src):
+                return None
+            if not number(k):
+                kv = val(k)
+                kdim = dim - (whole.dim() - kv.dim())
+                if kdim >= 0 and kv.shape[kdim] != 1:
+                    if kv.shape[kdim] != whole.shape[dim]:
+                        return None
+                    k = emit(aten.slice.Tensor, (k, kdim, start, end, step), node)
+            return scale(emit(aten.slice.Tensor, (x, dim, start, end, step), node), k, node)
+        return None
+
+    changed = True
+    while changed:  # sweeps in graph order until one rewrites nothing (a few)
+        changed = False
+        dependent.clear()
+        dependent.add(vector)
+        for node in graph.nodes:
+            if node.op == "call_function" and any(a in dependent for a in node.all_input_nodes):
+                dependent.add(node)
+        for node in list(graph.nodes):
+            if node not in dependent or node is vector or node.op != "call_function" or not node.users:
+                continue
+            try:
+                repl = rewrite(node)
+            except Exception:  # noqa: BLE001 - a rule that does not fit leaves the node as it is
+                repl = None
+            if repl is not None:
+                node.replace_all_uses_with(repl)
+                changed = True
+        changed = _simplify(graph) or changed
 
 
 class _Traced:
@@ -606,6 +776,7 @@ def _trace_linear_map(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...],
     if len(placeholders) != len(inputs) + 1:
         return None
     vector = placeholders[-1]
+    _fold_scalings(graph, vector)
     dependent = {vector}
     for node in graph.nodes:
         if node.op == "call_function":

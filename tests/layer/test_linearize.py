@@ -444,3 +444,95 @@ def test_problem_state_other_than_plain_values_is_never_proven():
     assert operator()._product is not None
     traced = [t for t in objective_module._TRACES[_ConstantBranch].values() if t is not None]
     assert traced and not any(t.proven for t in traced)
+
+
+# ------------------------------------------------------------- folded scalings
+class _Scaled(difftto.Problem):
+    """Chains of scalings the fold merges: sigmoid and tanh fits stacked with a weighted
+    difference, scaled twice more (the shape of a weighted least-squares data term)."""
+
+    def residuals(self, theta, data):
+        fit = data["w"] * (torch.sigmoid(theta) - data["y"])
+        bend = 0.5 * data["w"] * torch.tanh(2.0 * theta)
+        smooth = data["s"] * (theta[:, 1:] - theta[:, :-1])
+        return 1.5 * torch.cat([fit, bend, smooth], dim=-1) * data["k"]
+
+
+def _product_graph(problem, kind):
+    traced = [t for (k, *_), t in objective_module._TRACES[type(problem)].items()
+              if t is not None and (kind == "gauss_newton") == (k == "gauss_newton")]
+    assert traced, "nothing was traced"
+    return traced[-1].product.graph
+
+
+_MULS = (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar)
+
+
+def _scalings(graph, vector):
+    """``(muls, chains)`` of a graph's vector-dependent part: its multiplications, and
+    those that scale by a constant what is already a scaling by a constant."""
+    dependent = {vector}
+    for node in graph.nodes:
+        if node.op == "call_function" and any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+
+    def by_constant(node):
+        return (isinstance(node, torch.fx.Node) and node in dependent and node.target in _MULS
+                and any(a not in dependent for a in node.args))
+
+    muls = [n for n in graph.nodes if n in dependent and n.target in _MULS]
+    return len(muls), sum(by_constant(n) and any(by_constant(a) for a in n.args) for n in muls)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 9), batch=st.integers(1, 3),
+       kind=st.sampled_from(["gauss_newton", "hessian"]))
+def test_folded_products_equal_the_dense_oracle_and_hold_no_scaling_chains(seed, n, batch, kind):
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+    m = 3 * n - 1
+    data = {"w": 0.5 + torch.rand(batch, n, generator=g, dtype=dt), "y": torch.rand(batch, n, generator=g, dtype=dt),
+            "s": 0.7, "k": 0.5 + torch.rand(batch, m, generator=g, dtype=dt)}
+    theta = torch.randn(batch, n, generator=g, dtype=dt)
+    lam = 0.1 + torch.rand(batch, n, generator=g, dtype=dt)
+    problem = _Scaled()
+    obj = _objective(problem, theta, lam, data, "linearize")
+    op = obj.gauss_newton_operator(theta) if kind == "gauss_newton" else obj.hessian_operator(theta)
+    v = torch.randn(batch, n, generator=g, dtype=dt)
+    if kind == "gauss_newton":
+        jac = _dense_jacobian(problem, theta, data)
+        want = (jac.transpose(1, 2) @ jac @ v[..., None])[..., 0]
+    else:
+        want = torch.stack([
+            torch.autograd.functional.hessian(
+                lambda t, i=i: 0.5 * problem.residuals(t[None], {k: (x[i:i + 1] if torch.is_tensor(x) else x)
+                                                                 for k, x in data.items()}).pow(2).sum(),
+                theta[i]) @ v[i] for i in range(batch)])
+    torch.testing.assert_close(op.mv(v), want + lam * v, rtol=1e-10, atol=1e-10)
+    graph = _product_graph(problem, kind)
+    targets = [node.target for node in graph.nodes if node.op == "call_function"]
+    aten = torch.ops.aten
+    assert aten.tanh_backward.default not in targets and aten.sigmoid_backward.default not in targets
+    assert aten.cat.default not in targets  # each piece's slice went through the scalings
+    assert _scalings(graph, next(iter(graph.nodes)))[1] == 0, graph
+
+
+def test_fold_keeps_precision_and_size():
+    # A float32 constant scaling a float64 product (promotion) and two constants whose
+    # product would be an outer product are left as they are; a plain chain is merged.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    col = torch.rand(3, 1, dtype=torch.float64)
+    row = torch.rand(1, 4, dtype=torch.float64)
+    low = torch.rand(3, 4, dtype=torch.float32)
+    v = torch.rand(3, 4, dtype=torch.float64)
+
+    def folded(fn, *args):
+        graph = make_fx(fn)(*args, v).graph
+        vector = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        objective_module._fold_scalings(graph, vector)
+        return _scalings(graph, vector)
+
+    assert folded(lambda c, r, v: (v * c) * r, col, row) == (2, 1)  # an outer product: kept
+    assert folded(lambda c, lo, v: (v * c) * lo, col, low) == (2, 1)  # float32: kept
+    assert folded(lambda c, r, v: ((v * c) * 2.0) * c, col, row) == (1, 0)  # merged
