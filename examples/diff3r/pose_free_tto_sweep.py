@@ -8,7 +8,10 @@ rates) for each ``--config UNIT,STEPS[,LAM_ROT]``: θ holds the pose translation
 STEPS inner steps, and the rotation Λ of views 1.. set to LAM_ROT when given. With
 ``--gt-depth`` (``model.attach=camera`` checkpoints, data that stores depth) the
 Gaussians' means in Θ0 are the pixel centers back-projected with the *ground-truth*
-depths instead of the predicted ones: the TTO with consistent depths. Prints the mean
+depths instead of the predicted ones: the TTO with consistent depths. With
+``--gt-depth-scale`` (the same checkpoints and data) they are back-projected with the
+*predicted* depths of each context view times that view's median ratio true / predicted:
+the true scale per view, the predicted shape. Prints the mean
 rotation and translation-direction errors Θ0 → Θ* (degrees) with ± the standard error
 of the per-scene difference and the scenes where the rotation error drops.
 
@@ -57,15 +60,37 @@ def parse_config(text: str) -> tuple[float, int, float | None]:
     return unit, steps, lam
 
 
-def gt_depth_means(batch, depth_shape) -> torch.Tensor:
-    """Pixel centers back-projected with ``batch['context_depths']`` in each view's own
-    camera frame, ``[B, V·H·W, 3]`` (the layer's means with ``attach="camera"``)."""
-    B, V, H, W = depth_shape
-    K = batch["context_intrinsics"] * batch["context_intrinsics"].new_tensor([float(W), float(H), 1.0])[:, None]
+def camera_means(depths: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
+    """Pixel centers back-projected with ``depths`` ``[B, V, H, W]`` in each view's own
+    camera frame (normalized ``intrinsics`` ``[B, V, 3, 3]``), ``[B, V·H·W, 3]``: the
+    layer's means with ``attach="camera"``."""
+    B, V, H, W = depths.shape
+    K = intrinsics * intrinsics.new_tensor([float(W), float(H), 1.0])[:, None]
     v, u = torch.meshgrid(torch.arange(H, dtype=K.dtype) + 0.5, torch.arange(W, dtype=K.dtype) + 0.5, indexing="ij")
     pix = torch.stack([u, v, torch.ones_like(u)], dim=-1)
-    cam = pix @ torch.linalg.inv(K)[:, :, None].transpose(-1, -2) * batch["context_depths"][..., None].to(K.dtype)
+    cam = pix @ torch.linalg.inv(K)[:, :, None].transpose(-1, -2) * depths[..., None].to(K.dtype)
     return cam.reshape(B, V * H * W, 3)
+
+
+def gt_depth_means(batch, depth_shape) -> torch.Tensor:
+    """:func:`camera_means` of ``batch['context_depths']`` (``depth_shape``: the predicted
+    depths' ``[B, V, H, W]``, checked against them)."""
+    depths = batch["context_depths"]
+    if tuple(depths.shape) != tuple(depth_shape):
+        raise ValueError(f"context_depths {tuple(depths.shape)} != predicted depths {tuple(depth_shape)}")
+    return camera_means(depths, batch["context_intrinsics"])
+
+
+def scale_corrected_depths(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """``pred`` ``[B, V, H, W]`` times each view's median of ``true / pred`` over its
+    valid pixels (``true`` finite and > 0): the true median per view, the predicted shape
+    (``result / pred`` constant per view)."""
+    ratio = true.to(pred.dtype) / pred
+    ratio = torch.where(torch.isfinite(true) & (true > 0) & torch.isfinite(ratio), ratio, torch.nan)
+    scale = ratio.flatten(2).nanmedian(dim=-1).values
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError("--gt-depth-scale: a context view without a valid ground-truth depth")
+    return pred * scale[..., None, None]
 
 
 def _mean_se(x: list[float]) -> tuple[float, float]:
@@ -80,18 +105,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--data-root", help="test data (default: the checkpoint's)")
     p.add_argument("--config", action="append", required=True, metavar="UNIT,STEPS[,LAM_ROT]")
     p.add_argument("--naive", action="store_true", help="Λ = 1e-4 on every group (the naive TTO)")
-    p.add_argument("--gt-depth", action="store_true", help="Θ0 means from the ground-truth depths (attach=camera)")
+    depth = p.add_mutually_exclusive_group()
+    depth.add_argument("--gt-depth", action="store_true",
+                       help="Θ0 means back-projected with the ground-truth depths (attach=camera checkpoints, "
+                            "data that stores depth)")
+    depth.add_argument("--gt-depth-scale", action="store_true",
+                       help="Θ0 means back-projected with the predicted depths, each context view's rescaled by "
+                            "its median ratio ground-truth / predicted: the true scale per view, the predicted "
+                            "shape (checkpoints and data as --gt-depth)")
     p.add_argument("--max-scenes", type=int)
     a = p.parse_args(argv)
     configs = {c: parse_config(c) for c in a.config}
     torch.set_num_threads(1)
     model, state = model_from_checkpoint(a.checkpoint)
-    if a.gt_depth and model.attach != "camera":
-        raise ValueError("--gt-depth needs a model.attach=camera checkpoint (the layer's means in each camera's "
+    depth_option = "--gt-depth" if a.gt_depth else "--gt-depth-scale" if a.gt_depth_scale else None
+    if depth_option and model.attach != "camera":
+        raise ValueError(f"{depth_option} needs a model.attach=camera checkpoint (the layer's means in each camera's "
                          f"frame); this one has attach={model.attach!r}")
     cfg = OmegaConf.create(state["config"])
     root = Path(a.data_root) if a.data_root else prepare_data(cfg.data)
-    dataset = make_dataset(cfg, root, "test", evaluation=True, load_depth=a.gt_depth)
+    dataset = make_dataset(cfg, root, "test", evaluation=True, load_depth=depth_option is not None)
     tto = OmegaConf.to_container(cfg.tto, resolve=True)
     lr = pose_free._by_group(tto["lr"], "tto.lr", float(cfg.model.tto_pose_lr))
 
@@ -111,6 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             theta0 = dict(pred.layer_theta)
             if a.gt_depth:
                 theta0["means"] = gt_depth_means(batch, pred.depth.shape).to(pred.depth.dtype)
+            elif a.gt_depth_scale:
+                depths = scale_corrected_depths(pred.depth, batch["context_depths"])
+                theta0["means"] = camera_means(depths, batch["context_intrinsics"]).to(pred.depth.dtype)
             rot0, tr0 = relative_pose_errors(se3_exp(pred.theta["pose"]), true_w2c)
             for name, (unit, steps, lam_rot) in configs.items():
                 lam = pose_free.constant_lam(pred, 1e-4) if a.naive else dict(pred.lam)
@@ -125,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 rot1, tr1 = relative_pose_errors(se3_exp(pose_free.scale_translation(star["pose"], unit)), true_w2c)
                 records[name].append((float(rot0.mean()), float(rot1.mean()), float(tr0.mean()), float(tr1.mean())))
     print(f"{n} scenes, attach={model.attach}, Λ: {'naive 1e-4' if a.naive else 'predicted'}"
-          f"{', Θ0 means from the ground-truth depths' if a.gt_depth else ''}, {time.perf_counter() - started:.0f} s")
+          f"{', Θ0 means from the ground-truth depths' if a.gt_depth else ''}"
+          f"{', Θ0 means from the predicted depths at the true median scale per view' if a.gt_depth_scale else ''}"
+          f", {time.perf_counter() - started:.0f} s")
     print("| UNIT,STEPS[,LAM_ROT] | rotation ° Θ0 → Θ* | Θ* − Θ0 | drops in | translation direction ° Θ0 → Θ* |")
     print("|---|---|---|---|---|")
     out = {}

@@ -425,18 +425,61 @@ def test_tto_sweep_script_runs_with_predicted_and_ground_truth_depths(root, tmp_
     camera = run("camera", ["model.attach=camera"])["checkpoint"]
     args = [str(camera), "--max-scenes", "1", "--config", "1,2", "--config", "10,2,5"]
     outs = {}
-    for extra in ([], ["--gt-depth"], ["--naive"]):
+    for extra in ([], ["--gt-depth"], ["--gt-depth-scale"], ["--naive"]):
         out = outs[" ".join(extra)] = pose_free_tto_sweep.main(args + extra)
         assert set(out) == {"1,2", "10,2,5"}
         assert all(math.isfinite(v) for r in out.values() for k, v in r.items() if k != "rot_diff_se")
     # the same Θ0 poses; other Gaussians (ground-truth depths) or Λ (naive): other Θ*
     assert outs["--gt-depth"]["1,2"]["rot_before"] == outs[""]["1,2"]["rot_before"]
     assert outs["--gt-depth"]["1,2"]["rot_after"] != outs[""]["1,2"]["rot_after"]
+    assert outs["--gt-depth-scale"]["1,2"]["rot_before"] == outs[""]["1,2"]["rot_before"]
+    assert outs["--gt-depth-scale"]["1,2"]["rot_after"] != outs["--gt-depth"]["1,2"]["rot_after"]
+    with pytest.raises(SystemExit):  # argparse: not allowed with
+        pose_free_tto_sweep.main(args + ["--gt-depth", "--gt-depth-scale"])
     assert outs["--naive"]["1,2"]["rot_after"] != outs[""]["1,2"]["rot_after"]
     world = run("world", [])["checkpoint"]
-    with pytest.raises(ValueError, match="attach=camera"):
-        pose_free_tto_sweep.main([str(world), "--config", "1,2", "--gt-depth"])
+    for option in ("--gt-depth", "--gt-depth-scale"):
+        with pytest.raises(ValueError, match=f"{option} needs a model.attach=camera"):
+            pose_free_tto_sweep.main([str(world), "--config", "1,2", option])
     for bad in ("10", "0,20", "10,x", "10,20,-1"):
         with pytest.raises(ValueError, match=rf"--config: expected UNIT.*got '{bad}'"):
             pose_free_tto_sweep.parse_config(bad)
     assert pose_free_tto_sweep.parse_config("10,60,100") == (10.0, 60, 100.0)
+
+
+def test_sweep_depth_helpers_scale_only_and_back_projection():
+    from examples.diff3r import pose_free_tto_sweep as sweep
+
+    g = torch.Generator().manual_seed(0)
+    B, V, H_, W_ = 2, 3, 5, 4
+    pred = 1.0 + 4.0 * torch.rand(B, V, H_, W_, generator=g, dtype=torch.float64)
+    shape = torch.exp(0.3 * torch.randn(B, V, H_, W_, generator=g, dtype=torch.float64))  # not the predicted shape
+    true = pred * shape * torch.tensor([[0.5, 2.0, 3.0], [1.0, 0.25, 7.0]], dtype=torch.float64)[..., None, None]
+    true[0, 1, 0, :3] = 0.0  # invalid pixels: left out of the median
+    true[1, 2, 4, :2] = float("inf")
+    out = sweep.scale_corrected_depths(pred, true)
+    ratio = (out / pred).flatten(2)
+    # the predicted shape: one factor per view; the true scale: median true / out = 1 over the valid pixels
+    assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-12)
+    valid = torch.isfinite(true) & (true > 0)
+    for b in range(B):
+        for v in range(V):
+            r = true[b, v][valid[b, v]] / out[b, v][valid[b, v]]
+            assert float(r.median()) == pytest.approx(1.0, rel=1e-12)
+    # depths off by a constant per view: the truth recovered exactly
+    exact = pred * torch.tensor([[0.5, 2.0, 3.0], [1.0, 0.25, 7.0]], dtype=torch.float64)[..., None, None]
+    assert torch.allclose(sweep.scale_corrected_depths(pred, exact), exact, rtol=1e-12)
+    bad = true.clone()
+    bad[1, 0] = 0.0
+    with pytest.raises(ValueError, match="without a valid ground-truth depth"):
+        sweep.scale_corrected_depths(pred, bad)
+    # camera_means: pixel centers at z = depth, projecting back to themselves
+    K = torch.tensor([[0.9, 0.0, 0.5], [0.0, 1.1, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    Ks = K.expand(B, V, 3, 3)
+    means = sweep.camera_means(out, Ks).reshape(B, V, H_, W_, 3)
+    assert torch.allclose(means[..., 2], out, rtol=1e-12)
+    pix = means @ (K * K.new_tensor([float(W_), float(H_), 1.0])[:, None]).T
+    assert torch.allclose(pix[..., 0] / pix[..., 2], torch.arange(W_, dtype=torch.float64) + 0.5)
+    assert torch.allclose(pix[..., 1] / pix[..., 2], torch.arange(H_, dtype=torch.float64)[:, None] + 0.5)
+    batch = {"context_depths": true.clamp(max=10.0), "context_intrinsics": Ks}
+    assert torch.equal(sweep.gt_depth_means(batch, pred.shape), sweep.camera_means(batch["context_depths"], Ks))
