@@ -250,16 +250,22 @@ class _ConstantBranch(difftto.Problem):
         return torch.tanh(theta) - data["y"]
 
 
-def _stale_setup():
-    problem = _ConstantBranch()
-    point = torch.full((1, 5), 0.5, dtype=torch.float64)
+def _point_operator(problem, value):
+    """A point ``[1, 5]`` filled with ``value`` and ``operator()``, the problem's
+    linearized Gauss-Newton operator there (data ``y = 0``), built anew on each call."""
+    point = torch.full((1, 5), value, dtype=torch.float64)
     y = torch.zeros(1, 5, dtype=torch.float64)
 
     def operator():
         return InnerObjective(problem, Layout.of(point), {"y": y}, None,
                               jvp_mode="linearize").gauss_newton_operator(point)
 
-    return problem, point, operator
+    return point, operator
+
+
+def _stale_setup():
+    problem = _ConstantBranch()
+    return (problem, *_point_operator(problem, 0.5))
 
 
 def test_a_changed_plain_attribute_gets_its_own_trace():
@@ -400,14 +406,7 @@ def test_a_proven_trace_is_checked_once_and_stays_exact_at_new_points(seed, dtyp
 
 def test_a_trace_of_a_closed_over_tensor_is_checked_every_solve(monkeypatch):
     calls = _count_checks(monkeypatch)
-    problem = _ClosesOver()
-    theta = torch.full((1, 5), 0.3, dtype=torch.float64)
-    y = torch.zeros(1, 5, dtype=torch.float64)
-
-    def operator():
-        return InnerObjective(problem, Layout.of(theta), {"y": y}, None,
-                              jvp_mode="linearize").gauss_newton_operator(theta)
-
+    theta, operator = _point_operator(_ClosesOver(), 0.3)
     assert operator()._product is not None
     (traced,) = [t for t in objective_module._TRACES[_ClosesOver].values() if t is not None]
     assert not traced.proven
