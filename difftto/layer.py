@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .finite import all_finite
 from .inner import GradientDescent, InnerInfo, InnerOptimizer
 from .objective import JVP_MODES, InnerObjective
 from .problems.base import Problem
@@ -239,7 +240,7 @@ class ImplicitLayer(nn.Module):
         """Never hands back NaN/Inf silently: warns (raises under ``on_failure="raise"``)
         naming the diverged batch elements. Inputs were checked finite, so a non-finite
         θ* means the inner optimizer diverged."""
-        bad = ~torch.isfinite(flat_star.detach()).all(dim=1)
+        bad = ~all_finite(flat_star.detach(), dim=1)
         if not bool(bad.any()):
             return
         idx = bad.nonzero().flatten().tolist()
@@ -367,6 +368,6 @@ def _data_cotangents(c: _Context, lam_flat, theta0, star, leaves, u, wanted):
 
 
 def _check_finite(t: Tensor, name: str) -> None:
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
+    if not bool(all_finite(t)):
+        bad = ~torch.isfinite(t)
         raise ValueError(f"{name} contains {int(bad.sum())} non-finite values (NaN/Inf) of {t.numel()}")

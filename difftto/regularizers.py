@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .finite import all_finite
+
 __all__ = ["Proximal", "check_weights"]
 
 
@@ -18,8 +20,8 @@ def check_weights(lam: Tensor, name: str = "lam") -> None:
 
     One host synchronisation; called once per layer call, never in a loop.
     """
-    bad_finite = ~torch.isfinite(lam)
-    if bool(bad_finite.any()):
+    if not bool(all_finite(lam)):
+        bad_finite = ~torch.isfinite(lam)
         raise ValueError(
             f"{name} must be finite; got {int(bad_finite.sum())} non-finite entries "
             f"(of {lam.numel()})"

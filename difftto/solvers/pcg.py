@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..finite import all_finite
 from ..operators import LinearOperator
 from .preconditioners import (
     IdentityPreconditioner,
@@ -251,7 +252,7 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
             )
         return out
 
-    finite_b = torch.isfinite(b).all(dim=1)
+    finite_b = all_finite(b, dim=1)
     b = torch.where(finite_b[:, None], b, torch.zeros_like(b))
     b_norm = torch.linalg.vector_norm(b, dim=1)
     tol = torch.clamp(rtol * b_norm, min=atol)
