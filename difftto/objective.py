@@ -683,6 +683,26 @@ class _Traced:
         self.proven = False
         self.verified: set[bool | str] = set()
         self._with_diagonal: torch.fx.GraphModule | None = None
+        self._compiled_constants: OrderedDict[tuple, Callable | None] = OrderedDict()
+
+    def constants_at(self, inputs: tuple[Tensor, ...], compiled: bool = False) -> tuple[Tensor, ...]:
+        """``constants(*inputs)``; with ``compiled``, by code compiled once per input key
+        (shapes, strides, dtypes, devices: one pass over memory for what is otherwise an
+        operation at a time), detached; eager where compiling fails (after a
+        :class:`~difftto.solvers.compiled.CompileFallbackWarning`)."""
+        if not compiled:
+            return tuple(self.constants(*inputs))
+        from .solvers.compiled import compile_graph, input_key
+
+        key = input_key(inputs)
+        if key not in self._compiled_constants:
+            self._compiled_constants[key] = compile_graph(
+                self.constants, inputs, "the constants of a traced product (jvp_mode='compile')")
+            while len(self._compiled_constants) > 4:
+                self._compiled_constants.popitem(last=False)
+        code = self._compiled_constants[key]
+        with torch.no_grad():
+            return tuple(self.constants(*inputs) if code is None else code(*inputs))
 
     def graph(self, with_diagonal: bool) -> torch.fx.GraphModule:
         """``product(v, *constants)``, or with ``with_diagonal``
@@ -931,7 +951,7 @@ def _fold_linear_map(fn: Callable[..., Tensor], like: Tensor, inputs: tuple[Tens
                     cache.popitem(last=False)
         if traced is None:
             return None
-        constants = traced.constants(*inputs)
+        constants = traced.constants_at(inputs, compiled=compile and cache is not None)
         product = traced.product
 
         def apply(v: Tensor) -> Tensor:

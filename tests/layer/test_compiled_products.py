@@ -78,8 +78,9 @@ def test_compiled_product_equals_eager(kind, dtype):
 
 
 def test_new_linearization_point_reuses_the_compiled_product(monkeypatch):
-    """One compilation per trace: a second point (new θ, new data) feeds new constants to
-    the same compiled code, and its products are those of that point."""
+    """One compilation per trace of the product and of its constants: a second point (new
+    θ, new data) feeds new constants, computed by the same compiled code, to the same
+    compiled product, and its products are those of that point."""
     calls = []
     compile_graph = compiled.compile_graph
 
@@ -96,7 +97,10 @@ def test_new_linearization_point_reuses_the_compiled_product(monkeypatch):
         assert _uses_compiled(ops["compile"], "gauss_newton")
         torch.testing.assert_close(ops["compile"].mv(v), ops["forward"].mv(v), rtol=1e-12,
                                    atol=1e-12)
-    assert len(calls) == 1, calls
+    assert sorted(calls) == ["a traced product (jvp_mode='compile')",
+                             "the constants of a traced product (jvp_mode='compile')"], calls
+    (traced,) = [t for t in objective_module._TRACES[_Fresh].values() if t is not None]
+    assert [code is not None for code in traced._compiled_constants.values()] == [True]
 
 
 def test_compiling_leaves_the_trace_usable_eagerly():
