@@ -611,13 +611,14 @@ def _fold_scalings(graph, vector) -> None:
         if target in muls:
             found = operands(node)
             inner = None if found is None else operands(found[0])
-            if inner is not None:
+            if inner is not None and val(found[0]).dtype == out.dtype:
                 ab = combine(inner[1], found[1], "mul", node)
                 return None if ab is None else scale(inner[0], ab, node)
             return None
         if target is aten.add.Tensor and len(args) == 2 and not node.kwargs:
             left, right = operands(args[0]), operands(args[1])
-            if left is not None and right is not None and left[0] is right[0] and same_shape(left[0], node):
+            if (left is not None and right is not None and left[0] is right[0] and same_shape(left[0], node)
+                    and val(args[0]).dtype == val(args[1]).dtype == out.dtype):
                 total = combine(left[1], right[1], "add", node)
                 return None if total is None else scale(left[0], total, node)
             return None
@@ -642,9 +643,9 @@ def _fold_scalings(graph, vector) -> None:
             return scale(emit(aten.slice.Tensor, (x, dim, start, end, step), node), k, node)
         return None
 
-    changed = True
-    while changed:  # sweeps in graph order until one rewrites nothing (a few)
-        changed = False
+    changed, sweeps = True, 0
+    while changed and sweeps < 100:  # sweeps in graph order until one rewrites nothing (a few)
+        changed, sweeps = False, sweeps + 1
         dependent.clear()
         dependent.add(vector)
         for node in graph.nodes:

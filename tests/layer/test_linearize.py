@@ -534,4 +534,5 @@ def test_fold_keeps_precision_and_size():
 
     assert folded(lambda c, r, v: (v * c) * r, col, row) == (2, 1)  # an outer product: kept
     assert folded(lambda c, lo, v: (v * c) * lo, col, low) == (2, 1)  # float32: kept
+    assert folded(lambda lo, c, v: (v.float() * lo) * c, low, col) == (2, 1)  # a float32 step: kept
     assert folded(lambda c, r, v: ((v * c) * 2.0) * c, col, row) == (1, 0)  # merged
