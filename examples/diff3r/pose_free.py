@@ -15,9 +15,11 @@ Model (every step differentiable):
    and a Λ for that camera. View 0 is the frame: ``ξ_0 = 0``, masked out of the TTO
    data term (``pose_mask``), so it never moves.
 3. **Depth and Gaussian heads.** A CNN over ``[image_v, f_v, f_0, mean_u f_u]``
-   predicts per pixel an inverse depth in ``[1/far, 1/near]`` (sigmoid), a sub-pixel
-   offset, scale, rotation, opacity, color and one Λ per Gaussian group. The pixel's
-   point ``depth · K⁻¹(pixel + offset)`` in camera ``v`` is carried into the first
+   (and, with ``correlation_radius = r > 0``, the local correlation volume of ``f_v``
+   with the other views' features, :func:`local_correlation`) predicts per pixel an
+   inverse depth in ``[1/far, 1/near]`` (sigmoid), a sub-pixel offset, scale,
+   rotation, opacity, color and one Λ per Gaussian group. The pixel's point
+   ``depth · K⁻¹(pixel + offset)`` in camera ``v`` is carried into the first
    view's frame by ``exp(−ξ_v)`` (the inverse pose), so the means depend on the pose
    head too. With ``attach="camera"`` the layer instead refines view ``v``'s Gaussians
    in camera ``v``'s frame (``gaussian_splatting_posed(attach="camera")``): the pose
@@ -76,6 +78,7 @@ __all__ = [
     "gaussians_only",
     "world_theta",
     "is_pose_free",
+    "local_correlation",
     "pose_errors_deg",
     "pose_loss",
     "predict",
@@ -132,6 +135,52 @@ def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name}: expected true or false, got {value!r}")
     return value
+
+
+def _check_radius(name: str, value: Any) -> int:
+    """``value`` if it is an int ``>= 0`` (not a bool); a ``ValueError`` naming ``name`` and ``value`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    return value
+
+
+def local_correlation(feats: Tensor, radius: int, pairwise: bool = False) -> Tensor:
+    """Local correlation volume between each view's features and the other views' (as
+    PWC-Net's / RAFT's, without poses): for view ``v``, pixel ``p`` and displacement
+    ``d = (dx, dy) ∈ [−r, r]²``, the cosine ``⟨f̂_v(p), f̂_u(p + d)⟩`` of the
+    channel-normalized features, 0 where ``p + d`` is outside the image.
+
+    Args:
+        feats: ``[B, V, F, H, W]``.
+        radius: ``r >= 0``.
+        pairwise: return every ordered pair ``(v, u)`` (``u = v`` included) instead of
+            the mean over ``u ≠ v``.
+
+    Returns:
+        ``[B, V, (2r+1)², H, W]`` (the mean over the other views; ``V = 1``: zeros), or
+        ``[B, V, V, (2r+1)², H, W]`` with ``pairwise``. Channel ``(dy + r)(2r + 1) + (dx + r)``
+        holds displacement ``(dx, dy)`` (``dx`` along the width).
+
+    Raises:
+        ValueError: for a ``radius`` that is not an integer ``>= 0``.
+    """
+    r = _check_radius("radius", radius)
+    B, V, C, H, W = feats.shape
+    k = 2 * r + 1
+    fn = F.normalize(feats, dim=2)
+    patches = F.unfold(fn.flatten(0, 1), kernel_size=k, padding=r).reshape(B, V, C, k * k, H, W)
+    corr = torch.einsum("bvchw,buckhw->bvukhw", fn, patches)  # [B, V, V, k², H, W]
+    return corr if pairwise else _mean_over_others(corr)
+
+
+def _mean_over_others(pair: Tensor) -> Tensor:
+    """``[B, V, V, ...]`` → ``[B, V, ...]``: the mean over ``u ≠ v`` of ``pair[:, v, u]`` (zeros for ``V = 1``)."""
+    V = pair.shape[1]
+    if V == 1:
+        return torch.zeros_like(pair[:, :, 0])
+    own = torch.diagonal(pair, dim1=1, dim2=2)  # [B, ..., V]: u = v
+    own = own.permute(0, own.dim() - 1, *range(1, own.dim() - 1))
+    return (pair.sum(dim=2) - own) / (V - 1)
 
 
 def is_pose_free(model_cfg: Any) -> bool:
@@ -265,6 +314,11 @@ class PoseFreeModel(nn.Module):
             (``lam["pose"]`` is then ``[B, V, 6]``).
         lam_pose_rotation: the initial rotation Λ with ``pose_lam="split"`` (default:
             ``lam_init``'s ``pose``).
+        correlation_radius: ``r >= 0``; > 0: the per-pixel heads (and the pose net, with
+            view ``v``'s correlation with view 0) also see the local correlation volume
+            of each view's features with the other views' at displacements in
+            ``[−r, r]²`` (:func:`local_correlation`, ``(2r+1)²`` channels), a
+            correspondence cue; 0 (the default): off, the model without it.
         attach: ``"world"``: the layer refines the Gaussians in the first view's frame;
             ``"camera"``: each view's Gaussians in that view's camera frame, placed in the
             world by its current pose (``gaussian_splatting_posed(attach="camera")``), so
@@ -300,6 +354,7 @@ class PoseFreeModel(nn.Module):
         pose_lam: str = "camera",
         lam_pose_rotation: float | None = None,
         attach: str = "world",
+        correlation_radius: int = 0,
         name: str = "pose_free",
     ):
         super().__init__()
@@ -314,6 +369,7 @@ class PoseFreeModel(nn.Module):
         if attach not in ("world", "camera"):
             raise ValueError(f"attach: expected 'world' or 'camera', got {attach!r}")
         self.pose_estimator, self.pose_lam, self.attach = pose_estimator, pose_lam, attach
+        self.correlation_radius = _check_radius("correlation_radius", correlation_radius)
         rotation_init = values[-1] if lam_pose_rotation is None else float(lam_pose_rotation)
         self.register_buffer("lam_pose_init", torch.tensor([values[-1]] * 3 + [rotation_init] * 3),
                              persistent=False)
@@ -338,21 +394,22 @@ class PoseFreeModel(nn.Module):
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
                              persistent=False)
         f, h = feature_channels, hidden_channels
+        c = (2 * self.correlation_radius + 1) ** 2 if self.correlation_radius > 0 else 0  # correlation channels
         self.encoder = _Encoder(f)
         self.pose_net = nn.Sequential(
-            nn.Conv2d(2 * (3 + f), h, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * (3 + f) + c, h, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(h, h, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(h, h, 3, padding=1), nn.SiLU(),
         )
         # twist (6) and the camera's Λ (1, or translation and rotation Λ with pose_lam="split")
         self.pose_out = nn.Linear(h, 7 if pose_lam == "camera" else 8)
-        self.head = nn.Sequential(nn.Conv2d(3 + 3 * f, h, 3, padding=1), _Block(h), nn.SiLU(),
+        self.head = nn.Sequential(nn.Conv2d(3 + 3 * f + c, h, 3, padding=1), _Block(h), nn.SiLU(),
                                   nn.Conv2d(h, sum(_HEAD.values()), 3, padding=1))
         if pose_estimator == "procrustes":
             # Per pixel of view v ≥ 1: its point in the first view's frame, as an offset
             # (in units of its depth) from its own-frame point, and a Procrustes weight.
-            # Inputs: [image_v, f_v, f_0, mean_u f_u] and the pose net's pooled features.
-            self.xview = nn.Sequential(nn.Conv2d(3 + 3 * f + h, h, 3, padding=1), _Block(h), nn.SiLU(),
+            # Inputs: [image_v, f_v, f_0, mean_u f_u], the correlation (if any) and the pose net's pooled features.
+            self.xview = nn.Sequential(nn.Conv2d(3 + 3 * f + c + h, h, 3, padding=1), _Block(h), nn.SiLU(),
                                        nn.Conv2d(h, 4, 3, padding=1))
         self._init_outputs(scale_init, opacity_init)
 
@@ -384,11 +441,14 @@ class PoseFreeModel(nn.Module):
         B, V, _, H, W = images.shape
         K = intrinsics * intrinsics.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)
         feats = self.encoder(images.flatten(0, 1)).unflatten(0, (B, V))  # [B, V, F, H, W]
+        r = self.correlation_radius
+        pair = local_correlation(feats, r, pairwise=True) if r > 0 else None  # [B, V, V, (2r+1)², H, W]
 
         # Poses of views 1..V-1 relative to view 0.
         first = torch.cat([images[:, :1], feats[:, :1]], dim=2).expand(B, V - 1, -1, H, W)
         others = torch.cat([images[:, 1:], feats[:, 1:]], dim=2)
-        pooled = self.pose_net(torch.cat([first, others], dim=2).flatten(0, 1)).mean(dim=(-1, -2))
+        pose_in = [first, others] if pair is None else [first, others, pair[:, 1:, 0]]  # view v against view 0
+        pooled = self.pose_net(torch.cat(pose_in, dim=2).flatten(0, 1)).mean(dim=(-1, -2))
         raw = self.pose_out(pooled).unflatten(0, (B, V - 1))  # [B, V-1, 7 or 8]
         if self.pose_lam == "camera":
             lam_pose = F.softplus(raw[..., 6]) * self.lam_init[-1] + self.lam_min
@@ -400,6 +460,8 @@ class PoseFreeModel(nn.Module):
         # Per-pixel heads.
         ctx = torch.cat([feats[:, :1].expand(B, V, -1, H, W), feats.mean(dim=1, keepdim=True).expand(B, V, -1, H, W)],
                         dim=2)
+        if pair is not None:  # the mean correlation with the other views
+            ctx = torch.cat([ctx, _mean_over_others(pair)], dim=2)
         out = self.head(torch.cat([images, feats, ctx], dim=2).flatten(0, 1))
         out = out.unflatten(0, (B, V)).permute(0, 1, 3, 4, 2)  # [B, V, H, W, C]
         sl = self._slices()
