@@ -286,6 +286,7 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
     # call per such iteration for ``q = A p`` and the vector work.
     product_step = getattr(ops, "product_step", None) if step is not None else None
     step_with_product = None if product_step is None else product_step(operator)
+    final_r = None  # b − A x where the loop ended on it (x unchanged since): not recomputed
     while k < max_iter:
         k += 1
         if step is not None and k % recompute_every != 0:
@@ -315,6 +316,7 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
                 true_rr = ops.dot(true_r, true_r)
                 restart = (status == int(Status.CONVERGED)) & finite_b & (true_rr > tol2)
                 if k == max_iter or not bool(restart.any()):
+                    final_r = true_r
                     break
                 r = torch.where(restart[:, None], true_r, r)
                 z, rz_r, rr_r = precondition(r)
@@ -323,7 +325,7 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
                 rr = torch.where(restart, rr_r, rr)
                 active = restart
 
-    true_r = b - apply(x)
+    true_r = b - apply(x) if final_r is None else final_r
     true_norm = torch.linalg.vector_norm(true_r, dim=1)
     rel = _relative(true_norm, b_norm)
     ok = status == int(Status.CONVERGED)

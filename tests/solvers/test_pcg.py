@@ -598,9 +598,11 @@ def test_default_check_interval_on_cpu_is_every_iteration(seed):
     assert got.status.tolist() == ref.status.tolist()
     assert got.iterations.tolist() == ref.iterations.tolist()
     torch.testing.assert_close(got.solution, ref.solution, rtol=0, atol=0)
-    # Products: one per iteration run, one per residual replacement (every 50), the
-    # convergence check's and the final residual's.
+    # Products: one per iteration run, one per residual replacement (every 50), and the
+    # convergence check's true residual, which is also the reported one (x is unchanged).
     last = int(got.iterations.max())
     ran = -(-last // 10) * 10  # looking every 10: up to the next multiple of 10
-    assert every.calls == last + last // 50 + 2
-    assert tenth.calls == ran + ran // 50 + 2
+    assert every.calls == last + last // 50 + 1
+    assert tenth.calls == ran + ran // 50 + 1
+    true = torch.linalg.vector_norm(b - (a @ got.solution[..., None])[..., 0], dim=1) / b.norm(dim=1)
+    torch.testing.assert_close(got.relative_residual, true, rtol=1e-12, atol=0)
