@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GROUPS", "Diff3RModel", "ModelOutput", "context_cameras"]
+__all__ = ["GROUPS", "Diff3RModel", "ModelOutput", "context_cameras", "inverse_depth_candidates", "pixel_rays",
+           "sweep_correlation"]
 
 #: Parameter groups of the Gaussians, each with one Λ per Gaussian.
 GROUPS = ("means", "log_scales", "quats", "opacities", "colors")
@@ -271,13 +272,12 @@ class Diff3RModel(nn.Module):
         feats = self.features(images.reshape(B * V, 3, H, W)).reshape(B, V, -1, H, W)
 
         # Plane sweep: candidate z-depths, uniform in inverse depth, near → far.
-        t = torch.linspace(0.0, 1.0, self.depth_candidates, dtype=images.dtype, device=images.device)
         inv_near, inv_far = 1.0 / near, 1.0 / far  # [B, V]
-        inv_cand = inv_near[..., None] + t * (inv_far - inv_near)[..., None]  # [B, V, D]
-        dirs = self._pixel_dirs(K, c2w, H, W)  # [B, V, H, W, 3], camera z = 1
+        inv_cand = inverse_depth_candidates(near, far, self.depth_candidates, images.dtype)  # [B, V, D]
+        dirs = pixel_rays(K, c2w, H, W)  # [B, V, H, W, 3], camera z = 1
         origins = c2w[..., :3, 3]  # [B, V, 3]
         other = [(v + 1) % V for v in range(V)]
-        cost = self._correlation(feats, feats[:, other], dirs, origins, 1.0 / inv_cand, K[:, other], w2c[:, other])
+        cost = sweep_correlation(feats, feats[:, other], dirs, origins, 1.0 / inv_cand, K[:, other], w2c[:, other])
         logits = cost + self.cost_refine(torch.cat([cost, feats], dim=2).flatten(0, 1)).reshape(cost.shape)
         probs = torch.softmax(logits, dim=2)  # [B, V, D, H, W]
         inv_coarse = (probs * inv_cand[..., None, None]).sum(dim=2)  # [B, V, H, W]
@@ -320,37 +320,53 @@ class Diff3RModel(nn.Module):
         lam = {g: flat(lam_raw[..., i]) for i, g in enumerate(GROUPS)}
         return ModelOutput(theta, lam, depth, 1.0 / inv_coarse, probs)
 
-    @staticmethod
-    def _pixel_dirs(K: Tensor, c2w: Tensor, H: int, W: int) -> Tensor:
-        """World-space ray directions through pixel centers, camera z = 1: ``[B, V, H, W, 3]``."""
-        v, u = torch.meshgrid(
-            torch.arange(H, dtype=K.dtype, device=K.device) + 0.5,
-            torch.arange(W, dtype=K.dtype, device=K.device) + 0.5,
-            indexing="ij",
-        )
-        pix = torch.stack([u, v, torch.ones_like(u)], dim=-1)  # [H, W, 3]
-        cam = pix @ torch.linalg.inv(K)[:, :, None].transpose(-1, -2)  # [B, V, H, W, 3]
-        return cam @ c2w[:, :, None, :3, :3].transpose(-1, -2)
 
-    @staticmethod
-    def _correlation(feats, feats_other, dirs, origins, depths, K_other, w2c_other) -> Tensor:
-        """Correlation volume ``[B, V, D, H, W]`` of each view with its partner view."""
-        B, V, C, H, W = feats.shape
-        D = depths.shape[-1]
-        points = origins[:, :, None, None, None, :] + depths[:, :, :, None, None, None] * dirs[:, :, None]
-        cam = points @ w2c_other[:, :, None, None, :3, :3].transpose(-1, -2) + w2c_other[:, :, None, None, None, :3, 3]
-        z = cam[..., 2:3]
-        hom = cam @ K_other[:, :, None, None].transpose(-1, -2)
-        uv = hom[..., :2] / z.clamp_min(1e-6)
-        # grid_sample (align_corners=False): -1 and 1 are the outer pixel edges.
-        grid = torch.stack([2 * uv[..., 0] / W - 1, 2 * uv[..., 1] / H - 1], dim=-1)
-        grid = torch.where(z > 1e-6, grid, torch.full_like(grid, -2.0))  # behind the camera: outside
-        grid = grid.clamp(-2.0, 2.0)
-        sampled = F.grid_sample(
-            feats_other[:, :, None].expand(B, V, D, C, H, W).reshape(B * V * D, C, H, W),
-            grid.reshape(B * V * D, H, W, 2),
-            mode="bilinear",
-            padding_mode="zeros",
-            align_corners=False,
-        ).reshape(B, V, D, C, H, W)
-        return (sampled * feats[:, :, None]).sum(dim=3) / math.sqrt(C)
+def inverse_depth_candidates(near: Tensor, far: Tensor, count: int, dtype: torch.dtype | None = None) -> Tensor:
+    """``count`` plane-sweep candidates ``[..., count]`` in inverse depth, uniform from
+    ``1/near`` to ``1/far`` (``near``, ``far``: ``[...]``; ``dtype``: the fractions',
+    default ``near``'s)."""
+    t = torch.linspace(0.0, 1.0, count, dtype=near.dtype if dtype is None else dtype, device=near.device)
+    inv_near, inv_far = 1.0 / near, 1.0 / far
+    return inv_near[..., None] + t * (inv_far - inv_near)[..., None]
+
+
+def pixel_rays(K: Tensor, c2w: Tensor, H: int, W: int) -> Tensor:
+    """World-space ray directions through pixel centers, camera z = 1: ``[B, V, H, W, 3]``
+    (pixel intrinsics ``K [B, V, 3, 3]``, camera-to-world ``c2w [B, V, 4, 4]``)."""
+    v, u = torch.meshgrid(
+        torch.arange(H, dtype=K.dtype, device=K.device) + 0.5,
+        torch.arange(W, dtype=K.dtype, device=K.device) + 0.5,
+        indexing="ij",
+    )
+    pix = torch.stack([u, v, torch.ones_like(u)], dim=-1)  # [H, W, 3]
+    cam = pix @ torch.linalg.inv(K)[:, :, None].transpose(-1, -2)  # [B, V, H, W, 3]
+    return cam @ c2w[:, :, None, :3, :3].transpose(-1, -2)
+
+
+def sweep_correlation(feats: Tensor, feats_other: Tensor, dirs: Tensor, origins: Tensor, depths: Tensor,
+                      K_other: Tensor, w2c_other: Tensor) -> Tensor:
+    """Plane-sweep correlation volume ``[B, V, D, H, W]`` of each view with a partner view:
+    view ``v``'s rays (``dirs [B, V, H, W, 3]`` from ``origins [B, V, 3]``) cut at the
+    z-depths ``depths [B, V, D]``, projected into the partner (``K_other``,
+    ``w2c_other``: ``[B, V, 3, 3]``, ``[B, V, 4, 4]``), its features ``feats_other
+    [B, V, F, H, W]`` sampled there (bilinear, zeros outside or behind it), and
+    ``⟨f_v, f_other(warp)⟩ / √F``."""
+    B, V, C, H, W = feats.shape
+    D = depths.shape[-1]
+    points = origins[:, :, None, None, None, :] + depths[:, :, :, None, None, None] * dirs[:, :, None]
+    cam = points @ w2c_other[:, :, None, None, :3, :3].transpose(-1, -2) + w2c_other[:, :, None, None, None, :3, 3]
+    z = cam[..., 2:3]
+    hom = cam @ K_other[:, :, None, None].transpose(-1, -2)
+    uv = hom[..., :2] / z.clamp_min(1e-6)
+    # grid_sample (align_corners=False): -1 and 1 are the outer pixel edges.
+    grid = torch.stack([2 * uv[..., 0] / W - 1, 2 * uv[..., 1] / H - 1], dim=-1)
+    grid = torch.where(z > 1e-6, grid, torch.full_like(grid, -2.0))  # behind the camera: outside
+    grid = grid.clamp(-2.0, 2.0)
+    sampled = F.grid_sample(
+        feats_other[:, :, None].expand(B, V, D, C, H, W).reshape(B * V * D, C, H, W),
+        grid.reshape(B * V * D, H, W, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    ).reshape(B, V, D, C, H, W)
+    return (sampled * feats[:, :, None]).sum(dim=3) / math.sqrt(C)

@@ -18,7 +18,12 @@ Model (every step differentiable):
    (and, with ``correlation_radius = r > 0``, the local correlation volume of ``f_v``
    with the other views' features, :func:`local_correlation`) predicts per pixel an
    inverse depth in ``[1/far, 1/near]`` (sigmoid), a sub-pixel offset, scale,
-   rotation, opacity, color and one Λ per Gaussian group. The pixel's point
+   rotation, opacity, color and one Λ per Gaussian group. With
+   ``depth_source="sweep"`` the depth is two-stage instead: the pose head's poses
+   first, then a plane-sweep cost volume of each view against the other views *with
+   those predicted poses* (``model.py``'s :func:`~examples.diff3r.model.sweep_correlation`),
+   refined by a small CNN into a distribution over inverse-depth candidates whose mean
+   the head refines, as the pose-given model does (:meth:`PoseFreeModel.sweep`). The pixel's point
    ``depth · K⁻¹(pixel + offset)`` in camera ``v`` is carried into the first
    view's frame by ``exp(−ξ_v)`` (the inverse pose), so the means depend on the pose
    head too. With ``attach="camera"`` the layer instead refines view ``v``'s Gaussians
@@ -58,13 +63,17 @@ from examples.diff3r.model import (
     check_context_inputs,
     check_scale_opacity,
     init_gaussian_head,
+    inverse_depth_candidates,
     lam_init_values,
+    pixel_rays,
+    sweep_correlation,
 )
 from examples.diff3r.pose_alignment import relative_pose_errors
 from examples.diff3r.procrustes import weighted_procrustes
 
 __all__ = [
     "DEPTH_AGREEMENT_FORMS",
+    "DEPTH_SOURCES",
     "GROUPS",
     "PoseFreeModel",
     "PoseFreeOutput",
@@ -105,6 +114,9 @@ def _non_negative(name: str, value: Any, positive: bool = False) -> float:
         raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
     return out
 
+
+#: Where the pose-free model's depth comes from (``model.depth_source``).
+DEPTH_SOURCES = ("monocular", "sweep")
 
 #: Residual forms of the cross-view depth agreement (:func:`cross_view_inverse_depth`).
 DEPTH_AGREEMENT_FORMS = ("inverse", "log", "relative")
@@ -319,6 +331,21 @@ class PoseFreeModel(nn.Module):
             of each view's features with the other views' at displacements in
             ``[−r, r]²`` (:func:`local_correlation`, ``(2r+1)²`` channels), a
             correspondence cue; 0 (the default): off, the model without it.
+        depth_source: ``"monocular"`` (the default): the per-pixel head predicts the
+            inverse depth in ``[1/far, 1/near]`` from the view's features (and the
+            correlation, if any); ``"sweep"``: two-stage, the poses first (pose head only),
+            then a plane-sweep cost volume of each view against every other view with
+            the *predicted* poses (:meth:`sweep`), a small CNN refines it into logits over
+            ``depth_candidates`` inverse depths (uniform between ``1/near`` and
+            ``1/far``), and the head, which also reads the distribution and its mean,
+            refines that mean by a factor ``exp(±sweep_depth_refine)`` (the pose-given
+            model's scheme).
+        depth_candidates: ``D >= 2`` plane-sweep candidates (``depth_source="sweep"``).
+        sweep_depth_refine: the largest log-factor the head applies to the sweep's depth.
+        sweep_pose_gradient: ``True``: the sweep's gradient reaches the predicted poses
+            (the pose head learns from the depths' photometric loss too); ``False``: the
+            sweep sees the poses detached (they still get the means' and the layer's
+            gradients).
         attach: ``"world"``: the layer refines the Gaussians in the first view's frame;
             ``"camera"``: each view's Gaussians in that view's camera frame, placed in the
             world by its current pose (``gaussian_splatting_posed(attach="camera")``), so
@@ -355,6 +382,10 @@ class PoseFreeModel(nn.Module):
         lam_pose_rotation: float | None = None,
         attach: str = "world",
         correlation_radius: int = 0,
+        depth_source: str = "monocular",
+        depth_candidates: int = 32,
+        sweep_depth_refine: float = 0.3,
+        sweep_pose_gradient: bool = True,
         name: str = "pose_free",
     ):
         super().__init__()
@@ -370,6 +401,18 @@ class PoseFreeModel(nn.Module):
             raise ValueError(f"attach: expected 'world' or 'camera', got {attach!r}")
         self.pose_estimator, self.pose_lam, self.attach = pose_estimator, pose_lam, attach
         self.correlation_radius = _check_radius("correlation_radius", correlation_radius)
+        if not isinstance(depth_source, str) or depth_source not in DEPTH_SOURCES:
+            raise ValueError(f"depth_source: expected one of {', '.join(map(repr, DEPTH_SOURCES))}, "
+                             f"got {depth_source!r}")
+        if depth_source == "sweep" and pose_estimator != "head":
+            raise ValueError("depth_source='sweep' needs pose_estimator='head' (the procrustes estimator's pose "
+                             "is computed from the depths the sweep would need it for)")
+        if isinstance(depth_candidates, bool) or not isinstance(depth_candidates, int) or depth_candidates < 2:
+            raise ValueError(f"depth_candidates: expected an integer >= 2, got {depth_candidates!r}")
+        self.depth_source = depth_source
+        self.depth_candidates = depth_candidates
+        self.sweep_depth_refine = _non_negative("sweep_depth_refine", sweep_depth_refine)
+        self.sweep_pose_gradient = _check_bool("sweep_pose_gradient", sweep_pose_gradient)
         rotation_init = values[-1] if lam_pose_rotation is None else float(lam_pose_rotation)
         self.register_buffer("lam_pose_init", torch.tensor([values[-1]] * 3 + [rotation_init] * 3),
                              persistent=False)
@@ -403,7 +446,8 @@ class PoseFreeModel(nn.Module):
         )
         # twist (6) and the camera's Λ (1, or translation and rotation Λ with pose_lam="split")
         self.pose_out = nn.Linear(h, 7 if pose_lam == "camera" else 8)
-        self.head = nn.Sequential(nn.Conv2d(3 + 3 * f + c, h, 3, padding=1), _Block(h), nn.SiLU(),
+        d = self.depth_candidates + 1 if depth_source == "sweep" else 0  # the sweep's distribution and mean
+        self.head = nn.Sequential(nn.Conv2d(3 + 3 * f + c + d, h, 3, padding=1), _Block(h), nn.SiLU(),
                                   nn.Conv2d(h, sum(_HEAD.values()), 3, padding=1))
         if pose_estimator == "procrustes":
             # Per pixel of view v ≥ 1: its point in the first view's frame, as an offset
@@ -411,6 +455,10 @@ class PoseFreeModel(nn.Module):
             # Inputs: [image_v, f_v, f_0, mean_u f_u], the correlation (if any) and the pose net's pooled features.
             self.xview = nn.Sequential(nn.Conv2d(3 + 3 * f + c + h, h, 3, padding=1), _Block(h), nn.SiLU(),
                                        nn.Conv2d(h, 4, 3, padding=1))
+        if depth_source == "sweep":  # cost volume + the view's features → logits over the candidates
+            D = self.depth_candidates
+            self.cost_refine = nn.Sequential(nn.Conv2d(D + f, h, 3, padding=1), _Block(h), nn.SiLU(),
+                                             nn.Conv2d(h, D, 3, padding=1))
         self._init_outputs(scale_init, opacity_init)
 
     def _init_outputs(self, scale_init: float, opacity_init: float) -> None:
@@ -424,10 +472,43 @@ class PoseFreeModel(nn.Module):
             with torch.no_grad():
                 self.xview[-1].bias.zero_()
                 self.xview[-1].bias[3] = _SOFTPLUS_ONE
+        if self.depth_source == "sweep":  # the logits start at the raw correlation
+            nn.init.zeros_(self.cost_refine[-1].weight)
+            nn.init.zeros_(self.cost_refine[-1].bias)
 
     @staticmethod
     def _slices() -> dict[str, slice]:
         return channel_slices(_HEAD)
+
+    def sweep(self, feats: Tensor, K: Tensor, pose: Tensor, near: Tensor, far: Tensor) -> tuple[Tensor, Tensor]:
+        """Plane-sweep correlation volume of each view against every other view with the
+        poses ``pose``: for view ``v``, pixel ``p`` and candidate ``k``, the mean over
+        ``u ≠ v`` of :func:`~examples.diff3r.model.sweep_correlation`, view ``v``'s ray
+        through ``p`` cut at z-depth ``1/inv_k``, projected into view ``u`` and ``u``'s
+        features sampled there.
+
+        Args:
+            feats: features ``[B, V, F, H, W]``.
+            K: pixel intrinsics ``[B, V, 3, 3]``.
+            pose: twists ``[B, V, 6]`` of the world-to-camera poses (first view's frame).
+            near, far: depth bounds ``[B, V]``.
+
+        Returns:
+            ``(cost [B, V, D, H, W], inv_cand [B, V, D])``: the volume and its inverse
+            depths, ``1/near`` (``k = 0``) to ``1/far``.
+        """
+        B, V, _, H, W = feats.shape
+        inv_cand = inverse_depth_candidates(near, far, self.depth_candidates, feats.dtype)
+        w2c = se3_exp(pose)
+        c2w = se3_exp(-pose)
+        dirs = pixel_rays(K, c2w, H, W)
+        origins = c2w[..., :3, 3]
+        cost = None
+        for k in range(1, V):  # partner u = v + k (mod V): every ordered pair once
+            other = [(v + k) % V for v in range(V)]
+            c = sweep_correlation(feats, feats[:, other], dirs, origins, 1.0 / inv_cand, K[:, other], w2c[:, other])
+            cost = c if cost is None else cost + c
+        return cost / (V - 1), inv_cand
 
     def forward(self, images: Tensor, intrinsics: Tensor, near: Tensor, far: Tensor) -> PoseFreeOutput:
         """Predict Gaussians, poses and Λ.
@@ -462,11 +543,23 @@ class PoseFreeModel(nn.Module):
                         dim=2)
         if pair is not None:  # the mean correlation with the other views
             ctx = torch.cat([ctx, _mean_over_others(pair)], dim=2)
-        out = self.head(torch.cat([images, feats, ctx], dim=2).flatten(0, 1))
+        head_in = [images, feats, ctx]
+        inv_near, inv_far = (1.0 / near)[..., None, None], (1.0 / far)[..., None, None]
+        if self.depth_source == "sweep":  # two-stage: the predicted poses first, then the plane sweep with them
+            pose_pred = torch.cat([raw.new_zeros(B, 1, 6), raw[..., :6] * self.pose_scale], dim=1)
+            cost, inv_cand = self.sweep(feats, K, pose_pred if self.sweep_pose_gradient else pose_pred.detach(),
+                                        near, far)
+            logits = cost + self.cost_refine(torch.cat([cost, feats], dim=2).flatten(0, 1)).reshape(cost.shape)
+            probs = torch.softmax(logits, dim=2)  # [B, V, D, H, W]
+            inv_coarse = (probs * inv_cand[..., None, None]).sum(dim=2)  # [B, V, H, W]
+            head_in += [probs, ((inv_coarse - inv_far) / (inv_near - inv_far))[:, :, None]]
+        out = self.head(torch.cat(head_in, dim=2).flatten(0, 1))
         out = out.unflatten(0, (B, V)).permute(0, 1, 3, 4, 2)  # [B, V, H, W, C]
         sl = self._slices()
-        inv_near, inv_far = (1.0 / near)[..., None, None], (1.0 / far)[..., None, None]
-        inv_depth = inv_far + (inv_near - inv_far) * torch.sigmoid(out[..., sl["depth"]][..., 0])
+        if self.depth_source == "sweep":
+            inv_depth = inv_coarse * torch.exp(self.sweep_depth_refine * torch.tanh(out[..., sl["depth"]][..., 0]))
+        else:
+            inv_depth = inv_far + (inv_near - inv_far) * torch.sigmoid(out[..., sl["depth"]][..., 0])
         depth = 1.0 / inv_depth  # [B, V, H, W]
 
         v_idx, u_idx = torch.meshgrid(torch.arange(H, dtype=images.dtype, device=images.device) + 0.5,
