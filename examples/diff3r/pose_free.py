@@ -510,16 +510,28 @@ class PoseFreeModel(nn.Module):
             cost = c if cost is None else cost + c
         return cost / (V - 1), inv_cand
 
-    def forward(self, images: Tensor, intrinsics: Tensor, near: Tensor, far: Tensor) -> PoseFreeOutput:
+    def forward(self, images: Tensor, intrinsics: Tensor, near: Tensor, far: Tensor,
+                sweep_pose: Tensor | None = None) -> PoseFreeOutput:
         """Predict Gaussians, poses and Λ.
 
         Args:
             images: context images ``[B, V, 3, H, W]`` in ``[0, 1]``, ``V ≥ 2``.
             intrinsics: normalized intrinsics ``[B, V, 3, 3]``.
             near, far: depth bounds ``[B, V]``.
+            sweep_pose: with ``depth_source="sweep"``, twists ``[B, V, 6]`` the plane sweep
+                uses instead of the predicted poses (a diagnostic: e.g. the true poses;
+                the returned poses are still the predicted ones); ``None``: the predicted.
+
+        Raises:
+            ValueError: for a ``sweep_pose`` with ``depth_source="monocular"`` or of the wrong shape.
         """
         check_context_inputs(images, "expected", intrinsics=(intrinsics, (3, 3)), near=(near, ()), far=(far, ()))
         B, V, _, H, W = images.shape
+        if sweep_pose is not None:
+            if self.depth_source != "sweep":
+                raise ValueError("sweep_pose: given to a model without the sweep (depth_source='monocular')")
+            if tuple(sweep_pose.shape) != (B, V, 6):
+                raise ValueError(f"sweep_pose: expected shape {[B, V, 6]}, got {list(sweep_pose.shape)}")
         K = intrinsics * intrinsics.new_tensor([float(W), float(H), 1.0]).unsqueeze(-1)
         feats = self.encoder(images.flatten(0, 1)).unflatten(0, (B, V))  # [B, V, F, H, W]
         r = self.correlation_radius
@@ -546,9 +558,11 @@ class PoseFreeModel(nn.Module):
         head_in = [images, feats, ctx]
         inv_near, inv_far = (1.0 / near)[..., None, None], (1.0 / far)[..., None, None]
         if self.depth_source == "sweep":  # two-stage: the predicted poses first, then the plane sweep with them
-            pose_pred = torch.cat([raw.new_zeros(B, 1, 6), raw[..., :6] * self.pose_scale], dim=1)
-            cost, inv_cand = self.sweep(feats, K, pose_pred if self.sweep_pose_gradient else pose_pred.detach(),
-                                        near, far)
+            if sweep_pose is None:
+                sweep_pose = torch.cat([raw.new_zeros(B, 1, 6), raw[..., :6] * self.pose_scale], dim=1)
+                if not self.sweep_pose_gradient:
+                    sweep_pose = sweep_pose.detach()
+            cost, inv_cand = self.sweep(feats, K, sweep_pose, near, far)
             logits = cost + self.cost_refine(torch.cat([cost, feats], dim=2).flatten(0, 1)).reshape(cost.shape)
             probs = torch.softmax(logits, dim=2)  # [B, V, D, H, W]
             inv_coarse = (probs * inv_cand[..., None, None]).sum(dim=2)  # [B, V, H, W]
