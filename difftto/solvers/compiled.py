@@ -17,7 +17,10 @@ operations are fused into a few loops. Nothing here changes the algorithm:
   operator gives it as a graph (:meth:`~difftto.operators.LinearOperator.graph`, e.g. a
   traced product with ``jvp_mode="compile"``, the proximal ``diag Λ`` included), into
   that fused ``_step``: one call per iteration for ``q = A p`` and the vector work, one
-  pass fewer over ``q``. The operator only gives its graph; the composition is here.
+  pass fewer over ``q``; or several iterations per call, those between two of the loop's
+  host looks (``PCG.check_every``; by default 8 where the vectors are small, where the
+  ~40 µs around a call outweighs the ~17 µs of one iteration's loops). The operator only
+  gives its graph; the composition is here.
 - :func:`compile_graph` compiles one FX graph of aten operations (a traced product, see
   ``objective._fold_linear_map``) for fixed input shapes; a product's constants stay
   inputs, so a new linearization point does not recompile.
@@ -193,6 +196,16 @@ class CompiledVectorOps:
     per-iteration functions."""
 
     name = "compiled"
+    # CPU iterations per compiled call where the operator's product is compiled in and
+    # the right-hand side has at most ``steps_per_call_max_numel`` elements (PCG's default
+    # ``check_every`` there). At n = 10⁴ a call of one iteration costs ~32 µs, of 8 ~175
+    # µs; the backward of peers.py's problems took 12-18% less at n = 10⁴ and 2·10⁴, but
+    # 30% more at 4·10⁴ and 3x as much at 10⁵, where the unrolled iterations' fresh
+    # buffers are page-faulted in on every call. More iterations per call also cost
+    # compile time (about linear in the count) and up to ``steps_per_call − 1`` idle
+    # iterations per solve.
+    steps_per_call = 8
+    steps_per_call_max_numel = 1 << 15
 
     def __init__(self):
         torch_ops = pcg._TorchVectorOps
@@ -209,22 +222,35 @@ class CompiledVectorOps:
         # graph -> the iteration with the operator's product compiled in (product_step).
         self._with_product: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def product_step(self, operator) -> Callable | None:
-        """``q = A p`` and :meth:`step` as one compiled call, where ``operator.graph()``
-        gives the product as a graph: ``f(x, r, p, rz, rr, status, active, iterations,
-        inverse_diagonal, tol2)`` returning what ``step`` returns (``pcg._step`` after
-        ``q = A p``); ``None`` where the operator has no graph. Compiled once per graph
-        and input key (the graph is kept with its trace, so every linearization point of a
-        problem and shape reuses the code: its constants are inputs)."""
+    def product_step(self, operator, count: int = 1) -> Callable | None:
+        """``count`` iterations of ``q = A p`` and :meth:`step` as one compiled call, where
+        ``operator.graph()`` gives the product as a graph: ``f(x, r, p, rz, rr, status,
+        active, iterations, inverse_diagonal, tol2)`` returning what ``step`` returns
+        (``pcg._step`` after ``q = A p``, ``count`` times in a row); ``None`` where the
+        operator has no graph. Compiled once per graph, count and input key (the graph is
+        kept with its trace, so every linearization point of a problem and shape reuses
+        the code: its constants are inputs).
+
+        ``count > 1`` runs the iterations between two host looks without returning to
+        Python: at n ~ 10⁴ the generated loops of one iteration take ~17 µs and the call
+        around them ~40 µs. An element that stops within the call stays as it is for the
+        rest of it (``pcg._step`` leaves inactive elements' ``x`` and ``r`` alone), as over
+        the idle iterations of a longer ``check_every``."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
         found = operator.graph()
         if found is None:
             return None
         module, constants = found
-        fused = self._with_product.get(module)
+        by_count = self._with_product.get(module)
+        if by_count is None:
+            by_count = {}
+            self._with_product[module] = by_count
+        fused = by_count.get(count)
         if fused is None:
-            fused = CompiledFunction(_step_with_product(module),
-                                     "PCG step with the operator's product")
-            self._with_product[module] = fused
+            fused = CompiledFunction(_steps_with_product(module, count),
+                                     f"PCG step with the operator's product (x{count})")
+            by_count[count] = fused
 
         call = fused.for_one_key()  # one solve: its loop's inputs keep their key
 
@@ -234,20 +260,24 @@ class CompiledVectorOps:
         return step
 
 
-def _step_with_product(module: torch.fx.GraphModule) -> Callable:
-    """``pcg._step`` after ``q = module(p, *constants)``. The module is held weakly: the
-    function is kept in a table keyed by it."""
+def _steps_with_product(module: torch.fx.GraphModule, count: int) -> Callable:
+    """``count`` times ``pcg._step`` after ``q = module(p, *constants)``. The module is
+    held weakly: the function is kept in a table keyed by it."""
     ref = weakref.ref(module)
 
-    def step_with_product(x, r, p, rz, rr, status, active, iterations, inverse_diagonal, tol2,
-                          *constants):
-        q = ref()(p, *constants)
-        if tuple(q.shape) != tuple(p.shape):
-            raise ValueError(f"the operator's graph returned shape {tuple(q.shape)} for an "
-                             f"input of shape {tuple(p.shape)}; it must map [B, n] to [B, n]")
-        return _step(x, r, p, q, rz, rr, status, active, iterations, inverse_diagonal, tol2)
+    def steps_with_product(x, r, p, rz, rr, status, active, iterations, inverse_diagonal, tol2,
+                           *constants):
+        product = ref()
+        for _ in range(count):
+            q = product(p, *constants)
+            if tuple(q.shape) != tuple(p.shape):
+                raise ValueError(f"the operator's graph returned shape {tuple(q.shape)} for an "
+                                 f"input of shape {tuple(p.shape)}; it must map [B, n] to [B, n]")
+            status, active, iterations, rz, rr = _step(x, r, p, q, rz, rr, status, active,
+                                                       iterations, inverse_diagonal, tol2)
+        return status, active, iterations, rz, rr
 
-    return step_with_product
+    return steps_with_product
 
 
 _OPS: CompiledVectorOps | None = None

@@ -128,9 +128,15 @@ class PCG:
             :class:`Preconditioner`. See :func:`~difftto.solvers.preconditioners.make_preconditioner`.
         check_every: iterations between host-side checks for early exit (``None``, the
             default: every iteration for CPU tensors, where the look costs a few µs and
-            waits on nothing, 10 elsewhere). Elements that converged stop changing, so a
-            longer interval only runs up to ``check_every − 1`` idle iterations after the
-            last element converged (same results, their passes wasted).
+            waits on nothing, 10 elsewhere; on the CPU with ``backend="compiled"``, an
+            operator that gives its product as a graph and at most
+            ``steps_per_call_max_numel`` (32768) elements, ``steps_per_call`` (8), run as
+            one compiled call). Elements that converged stop changing, so a longer
+            interval only runs up to ``check_every − 1`` idle iterations after the last
+            element converged (same results, their passes wasted). On the CPU, for such
+            an operator and size, the compiled backend runs the iterations between two
+            looks as one call wherever no residual replacement, best-iterate tracking
+            (``on_failure="best"``) or the cap falls among them.
         recompute_every: iterations between true-residual replacements.
         on_failure: ``"raise"``, ``"warn"``, ``"zero"`` or ``"best"`` (see
             :func:`~difftto.solvers.result.apply_failure_policy`).
@@ -216,12 +222,9 @@ class PCG:
         ops = _vector_ops(self.backend, b)
         batch, n = operator.shape
         max_iter = default_max_iter(n) if self.max_iter is None else self.max_iter
-        check_every = self.check_every
-        if check_every is None:
-            check_every = 1 if b.device.type == "cpu" else 10
         result, best, best_rel = _pcg_loop(
             operator, b, x0, precond, ops, max_iter, self.rtol, self.atol,
-            check_every, self.recompute_every, track_best=(policy == "best"),
+            self.check_every, self.recompute_every, track_best=(policy == "best"),
         )
         return apply_failure_policy(result, policy, best=best, best_relative_residual=best_rel,
                                     what="PCG")
@@ -286,29 +289,51 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
     # call per such iteration for ``q = A p`` and the vector work.
     product_step = getattr(ops, "product_step", None) if step is not None else None
     step_with_product = None if product_step is None else product_step(operator)
+    # Where the product is compiled into the step and the vectors are small (CPU only:
+    # measured there), the iterations between two host looks run as one compiled call.
+    several_per_call = (step_with_product is not None and dev.type == "cpu"
+                        and b.numel() <= getattr(ops, "steps_per_call_max_numel", 0))
+    if check_every is None:
+        # On the CPU a host look waits on nothing: every iteration, or every
+        # ``ops.steps_per_call`` where they run as one call. Elsewhere every 10.
+        check_every = (10 if dev.type != "cpu" else
+                       getattr(ops, "steps_per_call", 1) if several_per_call else 1)
+    # Not where a residual replacement, best-iterate tracking or the cap falls among them
+    # (the loop below).
+    steps_between_looks = (product_step(operator, check_every)
+                           if several_per_call and check_every > 1 and not track_best else None)
     final_r = None  # b − A x where the loop ended on it (x unchanged since): not recomputed
     while k < max_iter:
-        k += 1
-        if step is not None and k % recompute_every != 0:
-            if step_with_product is not None:
-                status, active, iterations, rz, rr = step_with_product(
-                    x, r, p, rz, rr, status, active, iterations, inverse_diagonal, tol2)
-            else:
-                status, active, iterations, rz, rr = step(x, r, p, apply(p), rz, rr, status,
-                                                          active, iterations, inverse_diagonal,
-                                                          tol2)
+        if (steps_between_looks is not None and k % check_every == 0
+                and k + check_every <= max_iter
+                and (k + check_every) // recompute_every == k // recompute_every):
+            status, active, iterations, rz, rr = steps_between_looks(
+                x, r, p, rz, rr, status, active, iterations, inverse_diagonal, tol2)
+            k += check_every
         else:
-            q = apply(p)
-            status, active, iterations = advance(x, r, p, q, rz, status, active, iterations)
-            if k % recompute_every == 0:
-                # Residual replacement: the recursive r drifts from b − A x in finite precision.
-                r = torch.where(active[:, None], b - apply(x), r)
-            z, rz_new, rr_new = precondition(r)
-            status, active, rz, rr = redirect(p, z, rz, rz_new, rr, rr_new, status, active, tol2)
-        if track_best:
-            improved = rr < best_rr
-            best_x = torch.where(improved[:, None], x, best_x)
-            best_rr = torch.where(improved, rr, best_rr)
+            k += 1
+            if step is not None and k % recompute_every != 0:
+                if step_with_product is not None:
+                    status, active, iterations, rz, rr = step_with_product(
+                        x, r, p, rz, rr, status, active, iterations, inverse_diagonal, tol2)
+                else:
+                    status, active, iterations, rz, rr = step(
+                        x, r, p, apply(p), rz, rr, status, active, iterations,
+                        inverse_diagonal, tol2)
+            else:
+                q = apply(p)
+                status, active, iterations = advance(x, r, p, q, rz, status, active, iterations)
+                if k % recompute_every == 0:
+                    # Residual replacement: the recursive r drifts from b − A x in finite
+                    # precision.
+                    r = torch.where(active[:, None], b - apply(x), r)
+                z, rz_new, rr_new = precondition(r)
+                status, active, rz, rr = redirect(p, z, rz, rz_new, rr, rr_new, status, active,
+                                                  tol2)
+            if track_best:
+                improved = rr < best_rr
+                best_x = torch.where(improved[:, None], x, best_x)
+                best_rr = torch.where(improved, rr, best_rr)
         if k % check_every == 0 or k == max_iter:
             if not bool(active.any()):
                 # Believe "converged" only from the true residual; restart the others.

@@ -153,9 +153,9 @@ def test_layer_gradient_with_compiled_products_and_pcg_equals_default(hessian, m
     fused = []
     product_step = compiled.CompiledVectorOps.product_step
 
-    def recording(self, operator):
-        found = product_step(self, operator)
-        fused.append(found is not None)
+    def recording(self, operator, count=1):
+        found = product_step(self, operator, count)
+        fused.append((count, found is not None))
         return found
 
     monkeypatch.setattr(compiled.CompiledVectorOps, "product_step", recording)
@@ -171,7 +171,10 @@ def test_layer_gradient_with_compiled_products_and_pcg_equals_default(hessian, m
         (out.sin().sum() + out.pow(2).sum()).backward()
         assert info.backward.failures == 0
         grads[name] = (t0.grad, lm.grad)
-    assert fused == [True], "the backward solve did not fuse the product into PCG's step"
+    # One fused step, and the iterations between two looks in one call (small vectors).
+    per_call = compiled.CompiledVectorOps.steps_per_call
+    assert fused == [(1, True), (per_call, True)], \
+        "the backward solve did not fuse the product into PCG's step"
     for compiled_grad, default_grad in zip(grads["compiled"], grads["default"]):
         torch.testing.assert_close(compiled_grad, default_grad, rtol=1e-9, atol=1e-12)
 

@@ -229,15 +229,88 @@ def test_product_compiled_into_the_step_equals_torch_backend(shape, log_cond, se
                                                              preconditioner, recompute_every):
     a, b = system(shape, log_cond, seed)
     rtol = RTOL[a.dtype]
+    # A host look every iteration (check_every=1): one fused call per iteration, and no
+    # idle iterations after convergence (see the next test for several per call).
     eager, fused, eager_op, fused_op = solve_both_with_graph(
         a, b, shape, rtol=rtol, max_iter=20 * shape[1] + 50, on_failure="raise",
-        preconditioner=preconditioner, recompute_every=recompute_every)
+        preconditioner=preconditioner, recompute_every=recompute_every, check_every=1)
     check_against_dense(a, b, fused, rtol)
     assert_agree(a, eager, fused, rtol)
     # The fused step made the products of the iterations that replace no residual: mv
     # made only the replacements', the convergence checks' and the final residual's.
     assert eager_op.calls > int(eager.iterations.max())
     assert fused_op.calls < eager_op.calls - int(fused.iterations.max()) // 2
+
+
+@settings(max_examples=10, deadline=None)  # two solves each; the fused code is shared
+@given(log_cond=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1),
+       check_every=st.sampled_from([None, 3]), recompute_every=st.sampled_from([5, 7, 50]),
+       max_iter=st.sampled_from([4, 11, 17, 200]), to_the_cap=st.booleans(),
+       policy=st.sampled_from(["warn", "best"]))
+def test_iterations_between_looks_in_one_call_equal_one_call_each(
+        log_cond, seed, check_every, recompute_every, max_iter, to_the_cap, policy):
+    """Where the product is compiled into the step, the ``check_every`` iterations
+    between two host looks run as one compiled call (``product_step(operator, count)``;
+    ``check_every=None`` on the CPU: ``steps_per_call`` for small vectors) wherever no
+    residual replacement, no best-iterate tracking and not the iteration cap falls among
+    them. The oracle: the same solve with one compiled call per iteration (the same
+    fused step, looks at the same iterations): the same statuses and iteration counts,
+    and the same iterates up to rounding, also where the cap or a replacement cuts a
+    call short. ``to_the_cap``: rtol 0, so that every element runs exactly ``max_iter``
+    (≤ n) iterations."""
+    shape = SHAPES[0]
+    a, b = system(shape, log_cond, seed)
+    if to_the_cap:
+        max_iter = min(max_iter, 17)
+    per_look = compiled.CompiledVectorOps.steps_per_call if check_every is None else check_every
+    product_step = compiled.CompiledVectorOps.product_step
+    results, counts = [], []
+    for one_per_call in (True, False):
+        def patched(self, operator, count=1, one_per_call=one_per_call):
+            counts.append(count)
+            return None if one_per_call and count > 1 else product_step(self, operator, count)
+
+        with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+            patch.setattr(compiled.CompiledVectorOps, "product_step", patched)
+            warnings.simplefilter("ignore", LinearSolveWarning)
+            solver = PCG(backend="compiled", rtol=0.0 if to_the_cap else RTOL[a.dtype],
+                         max_iter=max_iter,
+                         on_failure=policy, recompute_every=recompute_every,
+                         check_every=check_every)
+            results.append(solver.solve(GraphOperator(a, shape), b))
+    one_each, several = results
+    assert several.status.tolist() == one_each.status.tolist()
+    assert several.iterations.tolist() == one_each.iterations.tolist()
+    torch.testing.assert_close(several.solution, one_each.solution, rtol=1e-9, atol=1e-12)
+    if to_the_cap:
+        assert several.iterations.tolist() == [max_iter] * shape[0]
+    # Several iterations per call were asked for exactly where no best iterate is tracked.
+    assert (per_look in counts) == (policy != "best")
+
+
+@pytest.mark.parametrize("check_every", [None, 4])
+def test_large_vectors_get_one_iteration_per_call(monkeypatch, check_every):
+    """Above ``steps_per_call_max_numel`` elements (where the unrolled iterations' fresh
+    buffers made a call slower per iteration than one call each) no call runs several
+    iterations, whatever ``check_every``; by default the loop looks every iteration."""
+    shape = SHAPES[0]
+    a, b = system(shape, 0.5, seed=21)
+    monkeypatch.setattr(compiled.CompiledVectorOps, "steps_per_call_max_numel", b.numel() - 1)
+    counts = []
+    product_step = compiled.CompiledVectorOps.product_step
+
+    def recording(self, operator, count=1):
+        counts.append(count)
+        return product_step(self, operator, count)
+
+    monkeypatch.setattr(compiled.CompiledVectorOps, "product_step", recording)
+    operator = GraphOperator(a, shape)
+    result = PCG(backend="compiled", rtol=RTOL[a.dtype], check_every=check_every,
+                 on_failure="raise").solve(operator, b)
+    check_against_dense(a, b, result, RTOL[a.dtype])
+    assert counts == [1]
+    if check_every is None:  # a look (one true-residual product) every iteration: none idle
+        assert operator.calls == 1
 
 
 @pytest.mark.parametrize("bad", ["nan", "negative"])
