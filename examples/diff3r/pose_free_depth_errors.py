@@ -16,6 +16,12 @@ uses the *true* relative context poses instead of its predicted ones (a diagnost
 how much of the depth error is the poses'); with ``both``, each such checkpoint is
 scored both ways.
 
+``--reference`` (with ``--data-root``) scores two references on the data itself: a
+constant depth map (its shape error is the true depths' own spread about their
+median: what a flat prediction scores) and the *parallax of the shape*, how far (in
+pixels of the other context view) each context pixel seen there moves between its true
+depth and its view's median depth: what a two-view match must resolve to see the shape.
+
 Run::
 
     python examples/diff3r/pose_free_depth_errors.py <run>/pose_free/zero_shot/checkpoint.pt \\
@@ -41,9 +47,9 @@ from torch.utils.data import default_collate  # noqa: E402
 
 from difftto.problems.splatting.se3 import se3_log  # noqa: E402
 from examples.diff3r import pose_free  # noqa: E402
-from examples.diff3r.train import make_dataset, model_from_checkpoint, prepare_data  # noqa: E402
+from examples.diff3r.train import compose_config, make_dataset, model_from_checkpoint, prepare_data  # noqa: E402
 
-__all__ = ["depth_errors", "true_sweep_pose"]
+__all__ = ["depth_errors", "shape_parallax", "true_sweep_pose"]
 
 METRICS = ("relative", "abs_log", "shape", "shape_view", "mean_depth", "mean_true")
 
@@ -75,6 +81,67 @@ def true_sweep_pose(batch) -> torch.Tensor:
     return se3_log(torch.linalg.inv(batch["context_extrinsics"]))
 
 
+def _project(ray: torch.Tensor, depth: torch.Tensor, c2w_src: torch.Tensor, w2c_dst: torch.Tensor,
+             K_dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rays ``[H, W, 3]`` (camera z = 1) of a source camera cut at ``depth`` ``[H, W]``,
+    projected into the destination: pixel coordinates ``[H, W, 2]`` and z ``[H, W]`` there."""
+    X = (ray * depth[..., None]) @ c2w_src[:3, :3].T + c2w_src[:3, 3]
+    Y = X @ w2c_dst[:3, :3].T + w2c_dst[:3, 3]
+    return (Y @ K_dst.T)[..., :2] / Y[..., 2:3], Y[..., 2]
+
+
+def shape_parallax(batch) -> torch.Tensor:
+    """For a first-view-frame batch of one scene with ``context_depths``: for every ordered
+    pair of context views ``(s, d)``, each pixel of ``s`` back-projected at its true depth
+    and at view ``s``'s median true depth, both projected into ``d``; the distance between
+    the two (pixels of ``d``) where the true point lands inside ``d`` in front of it. A
+    1-D tensor over those pixels."""
+    true = batch["context_depths"][0].double()
+    V, H, W = true.shape
+    K = (batch["context_intrinsics"][0].double()
+         * torch.tensor([float(W), float(H), 1.0], dtype=torch.float64)[:, None])
+    c2w = batch["context_extrinsics"][0].double()
+    w2c = torch.linalg.inv(c2w)
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
+                          indexing="ij")
+    pix = torch.stack([u, v, torch.ones_like(u)], dim=-1)
+    out = []
+    for s in range(V):
+        ray = pix @ torch.linalg.inv(K[s]).T
+        valid = torch.isfinite(true[s]) & (true[s] > 0)
+        for d in range(V):
+            if d == s:
+                continue
+
+            at_true, z = _project(ray, torch.where(valid, true[s], torch.ones_like(true[s])), c2w[s], w2c[d], K[d])
+            at_median, _ = _project(ray, torch.full_like(true[s], float(true[s][valid].median())), c2w[s], w2c[d],
+                                    K[d])
+            seen = valid & (z > 0) & (at_true[..., 0] >= 0) & (at_true[..., 0] <= W) & (at_true[..., 1] >= 0) \
+                & (at_true[..., 1] <= H)
+            out.append((at_true - at_median).norm(dim=-1)[seen])
+    return torch.cat(out)
+
+
+def reference(dataset, n: int) -> dict:
+    """``--reference``: the constant depth map's errors and the shape's parallax (pixels)."""
+    records, parallax = [], []
+    for i in range(n):
+        batch = pose_free.first_view_frame(default_collate([dataset[i]]))
+        true = batch["context_depths"][0]
+        records.append(depth_errors(torch.ones_like(true), true))
+        parallax.append(shape_parallax(batch))
+    x = torch.cat(parallax)
+    out = {"constant_depth": {k: sum(r[k] for r in records) / n for k in ("shape", "shape_view")},
+           "parallax_px": {"median": float(x.median()), "mean": float(x.mean()), "q75": float(x.quantile(0.75)),
+                           "q90": float(x.quantile(0.9)), "below_1px": float((x < 1).double().mean())}}
+    c, q = out["constant_depth"], out["parallax_px"]
+    print(f"reference, {n} scenes: a constant depth map's shape error {c['shape']:.3f} (per view "
+          f"{c['shape_view']:.3f}); the shape's parallax in the other context view: median {q['median']:.2f} px, "
+          f"mean {q['mean']:.2f}, 75% {q['q75']:.2f}, 90% {q['q90']:.2f}, below 1 px: {q['below_1px']:.0%}",
+          flush=True)
+    return out
+
+
 def _mean_se(x: list[float]) -> tuple[float, float]:
     m = sum(x) / len(x)
     se = math.sqrt(sum((a - m) ** 2 for a in x) / (len(x) - 1) / len(x)) if len(x) > 1 else float("nan")
@@ -83,15 +150,26 @@ def _mean_se(x: list[float]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+", help="pose-free checkpoints (model=pose_free)")
+    p.add_argument("checkpoints", nargs="*", help="pose-free checkpoints (model=pose_free)")
     p.add_argument("--data-root", help="test data with depth (default: each checkpoint's)")
     p.add_argument("--sweep-poses", choices=("predicted", "true", "both"), default="predicted",
                    help="depth_source=sweep checkpoints: the poses their plane sweep uses")
+    p.add_argument("--reference", action="store_true",
+                   help="also score a constant depth map and the shape's parallax on --data-root")
     p.add_argument("--max-scenes", type=int)
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
+    if not a.checkpoints and not a.reference:
+        p.error("give checkpoints, --reference or both")
+    if a.reference and not a.data_root:
+        p.error("--reference needs --data-root")
     torch.set_num_threads(1)
     results = {}
+    if a.reference:
+        cfg = compose_config(["model=pose_free"])
+        dataset = make_dataset(cfg, Path(a.data_root), "test", evaluation=True, load_depth=True)
+        n = len(dataset) if a.max_scenes is None else min(len(dataset), a.max_scenes)
+        results["reference"] = reference(dataset, n)
     for ckpt in a.checkpoints:
         model, state = model_from_checkpoint(ckpt)
         if not isinstance(model, pose_free.PoseFreeModel):

@@ -278,3 +278,30 @@ def test_config_passes_the_options_and_the_preset_is_monocular():
 def test_bad_options_are_rejected_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         pose_free.PoseFreeModel(**TINY_POSE_FREE, **kwargs)
+
+
+@settings(max_examples=20, deadline=None)
+@given(baseline=st.floats(0.1, 1.0), near_depth=st.floats(1.0, 3.0), far_depth=st.floats(3.5, 8.0))
+def test_shape_parallax_of_a_two_depth_scene(baseline, near_depth, far_depth):
+    """Two fronto-parallel views ``baseline`` apart along x, view 0's depth map
+    ``near_depth`` on fewer than half of its columns (on the right, which view 1, to the
+    right, still sees) and ``far_depth`` elsewhere (the median): a pixel at depth ``z``
+    moves by ``f · b · |1/z − 1/z_med|`` against the median depth, 0 at the median. A
+    constant depth map's shape error is the true depths' spread about their median."""
+    from examples.diff3r.pose_free_depth_errors import shape_parallax
+
+    H, W, f = 6, 16, 8.0
+    depth = torch.full((1, 2, H, W), far_depth, dtype=torch.float64)
+    depth[0, 0, :, W // 2 + 1:] = near_depth  # fewer than half: the median is far_depth
+    c2w = torch.eye(4, dtype=torch.float64).repeat(1, 2, 1, 1)
+    c2w[0, 1, 0, 3] = baseline
+    K = torch.tensor([[f / W, 0.0, 0.5], [0.0, f / H, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64).expand(1, 2, 3, 3)
+    batch = {"context_depths": depth, "context_extrinsics": c2w, "context_intrinsics": K}
+    x = shape_parallax(batch)
+    expected = f * baseline * abs(1 / near_depth - 1 / far_depth)
+    near_px = x[x > 1e-9]
+    assert near_px.numel() > 0
+    torch.testing.assert_close(near_px, torch.full_like(near_px, expected))
+    errs = depth_errors(torch.ones_like(depth[0]), depth[0])
+    log_d = torch.log(depth[0])
+    assert math.isclose(errs["shape"], float((log_d - log_d.median()).abs().mean()), rel_tol=1e-9)
