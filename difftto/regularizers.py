@@ -67,5 +67,6 @@ class Proximal:
         return self.weights * u
 
     def weights_cotangent(self, theta_star: Tensor, u: Tensor) -> Tensor:
-        """``∂L/∂Λ = −(θ* − θ0) ⊙ u``."""
-        return -(theta_star - self.anchor) * u
+        """``∂L/∂Λ = −(θ* − θ0) ⊙ u``, as ``(θ0 − θ*) ⊙ u`` (the same floats: rounding is
+        symmetric, so ``a − b = −(b − a)`` exactly; one pass fewer)."""
+        return (self.anchor - theta_star) * u

@@ -9,8 +9,9 @@ operations are fused into a few loops. Nothing here changes the algorithm:
 - :func:`vector_ops` compiles PCG's own per-iteration functions (``pcg._advance`` and
   ``pcg._redirect``, which the eager backends run too, and ``pcg._step``, the two with the
   Jacobi/identity preconditioning between them, which the loop calls on every iteration
-  that replaces no residual) over the torch updates, and the updates ``dot`` /
-  ``precondition`` used outside the loop's body; statuses, masks,
+  that replaces no residual) over the torch updates, the work before and after the loop
+  (``pcg._start``, ``pcg._finish``), and the updates ``dot`` / ``precondition`` used
+  outside the loop's body; statuses, masks,
   non-finite handling and residual replacement are those of the eager loop, which still
   drives the iterations (no host synchronisation is added).
 - :meth:`CompiledVectorOps.product_step` compiles an operator's product, where the
@@ -185,6 +186,11 @@ def _redirect(p, z, rz, rz_new, rr, rr_new, status, active, tol2):
     return pcg._redirect(pcg._TorchVectorOps, p, z, rz, rz_new, rr, rr_new, status, active, tol2)
 
 
+def _start(b, finite_b, r, inverse_diagonal, tolerances):
+    return pcg._start(b, finite_b, r, inverse_diagonal, tolerances,
+                      precondition=lambda v: pcg._TorchVectorOps.precondition(v, inverse_diagonal))
+
+
 def _step(x, r, p, q, rz, rr, status, active, iterations, inverse_diagonal, tol2):
     return pcg._step(pcg._TorchVectorOps, x, r, p, q, rz, rr, status, active, iterations,
                      inverse_diagonal, tol2)
@@ -193,7 +199,7 @@ def _step(x, r, p, q, rz, rr, status, active, iterations, inverse_diagonal, tol2
 class CompiledVectorOps:
     """PCG's vector work compiled (see the module docstring): the interface of
     ``pcg._TorchVectorOps`` plus ``advance``, ``redirect`` and ``step``, the loop's
-    per-iteration functions."""
+    per-iteration functions, and ``start`` and ``finish``, the work before and after it."""
 
     name = "compiled"
     # CPU iterations per compiled call where the operator's product is compiled in and
@@ -219,6 +225,9 @@ class CompiledVectorOps:
         # The whole iteration in one compiled call (1.2-1.5x faster than the three above
         # at n = 10^4, where the per-call cost counts; a pass less over r at 10^6).
         self.step = CompiledFunction(_step, "PCG step")
+        # The work before and after the loop (about 25 operations, 2-3 loops compiled).
+        self.start = CompiledFunction(_start, "PCG start")
+        self.finish = CompiledFunction(pcg._finish, "PCG finish")
         # graph -> the iteration with the operator's product compiled in (product_step).
         self._with_product: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

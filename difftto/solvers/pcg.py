@@ -256,23 +256,25 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
         return out
 
     finite_b = all_finite(b, dim=1)
-    b = torch.where(finite_b[:, None], b, torch.zeros_like(b))
-    b_norm = torch.linalg.vector_norm(b, dim=1)
-    tol = torch.clamp(rtol * b_norm, min=atol)
-    tol2 = tol * tol
-
+    all_b_finite = bool(finite_b.all())  # (the copies below only where one is not)
+    if not all_b_finite:
+        b = torch.where(finite_b[:, None], b, torch.zeros_like(b))
     x = (torch.zeros_like(b) if x0 is None
          else x0.detach().to(b.dtype).clone(memory_format=torch.contiguous_format))
-    r = b.clone() if x0 is None else b - apply(x)
-    status = torch.full((batch,), int(Status.CONVERGED), dtype=torch.int64, device=dev)
-    status = torch.where(finite_b, status, int(Status.NON_FINITE_INPUT))
-    iterations = torch.zeros(batch, dtype=torch.int64, device=dev)
-    z, rz, rr = precondition(r)
-    # A non-finite start (x0, or the operator's output at x0) is a non-finite input too.
-    bad_start = finite_b & ~torch.isfinite(rr)
-    status = torch.where(bad_start, int(Status.NON_FINITE_INPUT), status)
-    p = z.clone()
-    active = finite_b & ~bad_start & (rr > tol2)
+    # A backend with a fused ``step`` (``_step``: advance, precondition and redirect in one
+    # call) runs it on every iteration that replaces no residual, under Jacobi or identity;
+    # and, where it has them, its own ``start`` and ``finish`` (the work before and after
+    # the loop, ``_start`` and ``_finish``, e.g. compiled: a few fused loops in place of
+    # about 25 operations).
+    general = inverse_diagonal is None and not isinstance(precond, IdentityPreconditioner)
+    start = None if general else getattr(ops, "start", None)
+    if start is None:
+        def start(*args):
+            return _start(*args, precondition=precondition)
+    finish = (None if general else getattr(ops, "finish", None)) or _finish
+    tolerances = torch.tensor([rtol, atol], dtype=b.dtype, device=dev)
+    r, p, rz, rr, b_norm, tol, tol2, status, active, iterations = start(
+        b, finite_b, None if x0 is None else b - apply(x), inverse_diagonal, tolerances)
     best_x = x.clone() if track_best else None
     best_rr = torch.where(torch.isfinite(rr), rr, torch.inf) if track_best else None
 
@@ -280,9 +282,6 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
     k = 0 if bool(active.any()) else max_iter
     advance = getattr(ops, "advance", None) or (lambda *a: _advance(ops, *a))
     redirect = getattr(ops, "redirect", None) or (lambda *a: _redirect(ops, *a))
-    # A backend with a fused ``step`` (``_step``: advance, precondition and redirect in one
-    # call) runs it on every iteration that replaces no residual, under Jacobi or identity.
-    general = inverse_diagonal is None and not isinstance(precond, IdentityPreconditioner)
     step = None if general else getattr(ops, "step", None)
     # A backend that can compile the operator's product into that step
     # (``ops.product_step``, where the operator gives its product as a graph) makes one
@@ -350,18 +349,11 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
                 rr = torch.where(restart, rr_r, rr)
                 active = restart
 
-    true_r = b - apply(x) if final_r is None else final_r
-    true_norm = torch.linalg.vector_norm(true_r, dim=1)
-    rel = _relative(true_norm, b_norm)
-    ok = status == int(Status.CONVERGED)
-    # A residual that is not finite at the end means the operator's output was not.
-    status = torch.where(ok & ~torch.isfinite(true_norm), int(Status.NON_FINITE_INPUT), status)
-    ok = status == int(Status.CONVERGED)
-    not_reached = ok & ~(true_norm <= tol)
-    status = torch.where(not_reached, int(Status.MAX_ITER_REACHED), status)
-    # Elements with non-finite right-hand sides report NaN, never a silent zero.
-    x = torch.where(finite_b[:, None], x, torch.full_like(x, float("nan")))
-    rel = torch.where(finite_b, rel, torch.full_like(rel, float("nan")))
+    status, rel = finish(b - apply(x) if final_r is None else final_r, b_norm, tol, status)
+    if not all_b_finite:
+        # Elements with non-finite right-hand sides report NaN, never a silent zero.
+        x = torch.where(finite_b[:, None], x, torch.full_like(x, float("nan")))
+        rel = torch.where(finite_b, rel, torch.full_like(rel, float("nan")))
     best_rel = None
     if track_best:
         best_x = torch.where(finite_b[:, None], best_x, x)
@@ -370,6 +362,42 @@ def _pcg_loop(operator, b, x0, precond, ops, max_iter, rtol, atol, check_every,
             best_norm = torch.linalg.vector_norm(b - apply(best_x), dim=1)
             best_rel = torch.where(finite_b, _relative(best_norm, b_norm), rel)
     return LinearSolveResult(x, status, iterations, rel), best_x, best_rel
+
+
+# The work before and after the loop, in functions of tensors only, so that a backend may
+# run them compiled (``ops.start`` / ``ops.finish``); otherwise they run eagerly.
+def _start(b, finite_b, r, inverse_diagonal, tolerances, *, precondition):
+    """The loop's state before its first iteration, from ``b`` (non-finite rows zeroed),
+    which rows of it are finite, ``r = b − A x0`` (``None`` for ``x0 = 0``: ``r = b``),
+    the Jacobi inverse diagonal (or ``None``), ``tolerances = [rtol, atol]`` and
+    ``precondition(r) -> (z, ⟨r, z⟩, ⟨r, r⟩)``. Returns ``(r, p, rz, rr, ‖b‖, tol, tol²,
+    status, active, iterations)``."""
+    b_norm = torch.linalg.vector_norm(b, dim=1)
+    tol = torch.clamp(tolerances[0] * b_norm, min=tolerances[1])
+    r = b.clone() if r is None else r
+    status = torch.where(finite_b, int(Status.CONVERGED), int(Status.NON_FINITE_INPUT))
+    z, rz, rr = precondition(r)
+    # A non-finite start (x0, or the operator's output at x0) is a non-finite input too.
+    bad_start = finite_b & ~torch.isfinite(rr)
+    status = torch.where(bad_start, int(Status.NON_FINITE_INPUT), status)
+    tol2 = tol * tol
+    active = finite_b & ~bad_start & (rr > tol2)
+    iterations = torch.zeros_like(status)
+    return r, z.clone(), rz, rr, b_norm, tol, tol2, status, active, iterations
+
+
+def _finish(true_r, b_norm, tol, status):
+    """Given the true residual ``b − A x`` at the end: the final ``(status, relative
+    residual)`` (``CONVERGED`` only where ``‖b − A x‖ ≤ tol`` and finite)."""
+    true_norm = torch.linalg.vector_norm(true_r, dim=1)
+    rel = _relative(true_norm, b_norm)
+    ok = status == int(Status.CONVERGED)
+    # A residual that is not finite at the end means the operator's output was not.
+    status = torch.where(ok & ~torch.isfinite(true_norm), int(Status.NON_FINITE_INPUT), status)
+    ok = status == int(Status.CONVERGED)
+    not_reached = ok & ~(true_norm <= tol)
+    status = torch.where(not_reached, int(Status.MAX_ITER_REACHED), status)
+    return status, rel
 
 
 # The per-iteration work of the loop besides the product and the preconditioner, in two
