@@ -305,3 +305,25 @@ def test_shape_parallax_of_a_two_depth_scene(baseline, near_depth, far_depth):
     errs = depth_errors(torch.ones_like(depth[0]), depth[0])
     log_d = torch.log(depth[0])
     assert math.isclose(errs["shape"], float((log_d - log_d.median()).abs().mean()), rel_tol=1e-9)
+
+
+def test_teacher_forced_sweep_uses_the_true_poses_in_training_only(tmp_path):
+    """``sweep_training_poses="true"``: in training mode ``predict`` gives the sweep the
+    batch's true context poses (the depths equal the model's with ``sweep_pose`` = the
+    true twists), in eval mode the predicted ones; the returned poses are the predicted
+    ones either way."""
+    batch = tiny_pose_free_batch(tiny_dataset(tmp_path / "data"))
+    torch.manual_seed(0)
+    model = pose_free.PoseFreeModel(**SWEEP, sweep_training_poses="true")
+    with torch.no_grad():
+        model.pose_out.bias[:6] = torch.tensor([0.3, -0.2, 0.1, 0.05, -0.04, 0.03])
+        args = (batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
+        train_pred = pose_free.predict(model.train(), batch)
+        forced = model(*args, sweep_pose=true_sweep_pose(batch))
+        eval_pred = pose_free.predict(model.eval(), batch)
+        own = model(*args)
+    assert torch.equal(train_pred.depth, forced.depth) and torch.equal(eval_pred.depth, own.depth)
+    assert not torch.equal(train_pred.depth, eval_pred.depth)
+    assert torch.equal(train_pred.theta["pose"], eval_pred.theta["pose"])
+    with pytest.raises(ValueError, match=r"sweep_training_poses: expected 'predicted' or 'true', got 'gt'"):
+        pose_free.PoseFreeModel(**SWEEP, sweep_training_poses="gt")
