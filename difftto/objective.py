@@ -684,6 +684,7 @@ class _Traced:
         self.proven = False
         self.verified: set[bool | str] = set()
         self._with_diagonal: torch.fx.GraphModule | None = None
+        self.merged: int | None = None  # see _add_diagonal
         self._compiled_constants: OrderedDict[tuple, Callable | None] = OrderedDict()
 
     def constants_at(self, inputs: tuple[Tensor, ...], compiled: bool = False) -> tuple[Tensor, ...]:
@@ -708,11 +709,12 @@ class _Traced:
     def graph(self, with_diagonal: bool) -> torch.fx.GraphModule:
         """``product(v, *constants)``, or with ``with_diagonal``
         ``(v, d, *constants) ↦ product(v, *constants) + d ⊙ v`` (built once, kept: code
-        compiled for it is keyed by it)."""
+        compiled for it is keyed by it; where ``merged`` is set, ``d`` must be given as
+        ``d + constants[merged]``, see :func:`_add_diagonal`)."""
         if not with_diagonal:
             return self.product
         if self._with_diagonal is None:
-            self._with_diagonal = _add_diagonal(self.product)
+            self._with_diagonal, self.merged = _add_diagonal(self.product)
         return self._with_diagonal
 
     def compiled_product(self, inputs: tuple[Tensor, ...], with_diagonal: bool):
@@ -739,9 +741,40 @@ class _Traced:
         return compiled
 
 
-def _add_diagonal(product: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``(v, d, *constants) ↦ product(v, *constants) + d ⊙ v`` as one graph (a copy)."""
+def _merged_scaling(product: torch.fx.GraphModule) -> tuple[torch.fx.Node, int] | None:
+    """Where ``product``'s output is ``X + v ⊙ c`` (either order) with ``c`` one of its
+    constants, of ``v``'s dtype and used there only: ``(X, c's index among the
+    constants)``; else ``None``."""
     aten = torch.ops.aten
+    placeholders = [n for n in product.graph.nodes if n.op == "placeholder"]
+    v = placeholders[0]
+    out = next(n for n in product.graph.nodes if n.op == "output").args[0]
+    if not (isinstance(out, torch.fx.Node) and out.target == aten.add.Tensor and not out.kwargs
+            and len(out.args) == 2):
+        return None
+    for term, rest in ((out.args[1], out.args[0]), (out.args[0], out.args[1])):
+        if not (isinstance(term, torch.fx.Node) and term.target == aten.mul.Tensor
+                and len(term.users) == 1 and isinstance(rest, torch.fx.Node)):
+            continue
+        a, b = term.args
+        c = b if a is v else a if b is v else None
+        if c is None or c is v or c not in placeholders or len(c.users) != 1:
+            continue
+        vv, cv = v.meta.get("val"), c.meta.get("val")
+        if vv is None or cv is None or cv.dtype != vv.dtype:
+            continue
+        return rest, placeholders.index(c) - 1
+    return None
+
+
+def _add_diagonal(product: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int | None]:
+    """``(v, d, *constants) ↦ product(v, *constants) + d ⊙ v`` as one graph (a copy), and
+    ``None``; or, where the product ends in ``+ v ⊙ c`` with ``c`` a constant
+    (:func:`_merged_scaling`, e.g. ``J_fitᵀ J_fit`` of elementwise residuals), that term
+    left out, so that ``d`` stands for ``d + c`` (computed once per linearization point,
+    not read again on every product), and ``c``'s index among the constants."""
+    aten = torch.ops.aten
+    merge = _merged_scaling(product)
     graph = torch.fx.Graph()
     placeholders = [n for n in product.graph.nodes if n.op == "placeholder"]
     env = {placeholders[0]: graph.placeholder("v")}
@@ -753,12 +786,14 @@ def _add_diagonal(product: torch.fx.GraphModule) -> torch.fx.GraphModule:
         env[node].meta = dict(node.meta)
     for node in product.graph.nodes:
         if node.op == "output":
-            out = torch.fx.node.map_arg(node.args[0], env.__getitem__)
+            out = env[merge[0]] if merge is not None else torch.fx.node.map_arg(
+                node.args[0], env.__getitem__)
             scaled = graph.call_function(aten.mul.Tensor, (d, env[placeholders[0]]))
             graph.output(graph.call_function(aten.add.Tensor, (out, scaled)))
         elif node.op != "placeholder":
             env[node] = graph.node_copy(node, env.__getitem__)
-    return torch.fx.GraphModule(torch.nn.Module(), graph)
+    graph.eliminate_dead_code()  # the merged term
+    return torch.fx.GraphModule(torch.nn.Module(), graph), None if merge is None else merge[1]
 
 
 class _Folded:
@@ -1018,7 +1053,15 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
     constants = tuple(c.detach() for c in constants)
     with_diagonal = diagonal is not None
     d = diagonal.detach().contiguous() if with_diagonal else None
-    head = (check, d) if with_diagonal else (check,)
+    if with_diagonal:
+        traced.graph(True)  # sets traced.merged
+        merged = traced.merged
+        # The graph's diagonal input: d, plus the product's own scaling of v where that
+        # term was merged into it (the product alone then gets that scaling, else zeros).
+        zeros = torch.zeros_like(d)
+        alone = zeros if merged is None else zeros + constants[merged]
+        d_in = d if merged is None else d + constants[merged]
+    head = (check, d_in) if with_diagonal else (check,)
     compiled = traced.compiled_product((*head, *constants), with_diagonal)
     if compiled is None:
         return None
@@ -1035,13 +1078,11 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
         if _verified(traced, False, lambda: _agrees(product(check), want())):
             return _Folded(product, None, (traced.graph(False), constants))
     else:
-        zeros = torch.zeros_like(d)
-
         def plus_diagonal(v: Tensor) -> Tensor:
             if input_key((v,)) != like_check:
                 return apply(v) + d * v
             with torch.no_grad():
-                return compiled(v, d, *constants)
+                return compiled(v, d_in, *constants)
 
         def product(v: Tensor) -> Tensor:
             # The same code with d = 0: 0 ⊙ v adds exact zeros (NaN where v is not
@@ -1049,14 +1090,14 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
             if input_key((v,)) != like_check:
                 return apply(v)
             with torch.no_grad():
-                return compiled(v, zeros, *constants)
+                return compiled(v, alone, *constants)
 
         # Both: the product part alone (a large diagonal would hide its error in the sum).
         def agrees() -> bool:
             return _agrees(product(check), want()) and _agrees(plus_diagonal(check), want() + d * check)
 
         if _verified(traced, True, agrees):
-            return _Folded(product, plus_diagonal, (traced.graph(True), (d, *constants)))
+            return _Folded(product, plus_diagonal, (traced.graph(True), (d_in, *constants)))
     traced.compiled[with_diagonal] = False
     warn_fallback("a traced product (jvp_mode='compile')", ValueError(
         "the compiled product disagrees with the eager product on a check vector"))

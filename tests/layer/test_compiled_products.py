@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import difftto
 import difftto.objective as objective_module
@@ -75,6 +77,38 @@ def test_compiled_product_equals_eager(kind, dtype):
     # (Λ plus the term's, exact or estimated with the term's product) as the eager ones.
     torch.testing.assert_close(ops["compile"].a.mv(v), ops["forward"].a.mv(v), **tol)
     torch.testing.assert_close(ops["compile"].diagonal(), ops["forward"].diagonal(), **tol)
+
+
+class _Coupled(difftto.Problem):
+    """Only a neighbour coupling: its Gauss-Newton product has no ``+ v ⊙ c`` term."""
+
+    def residuals(self, theta, data):
+        return data["s"] * (theta[:, 1:] - theta[:, :-1])
+
+
+@settings(max_examples=6, deadline=None)  # the compiled code is shared across examples
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["gauss_newton", "hessian"]),
+       coupled_only=st.booleans())
+def test_scaling_merged_into_the_diagonal_equals_eager(seed, kind, coupled_only):
+    """A product that ends in ``+ v ⊙ c`` (c a constant: the elementwise residuals'
+    ``J_fitᵀ J_fit``) gets that term merged into the proximal diagonal input (``Λ + c``,
+    once per point); the sum, the term alone and the graph PCG's step compiles (with its
+    constants) equal the eager products. A product without such a term is left whole."""
+    problem = _Coupled() if coupled_only else _Smoothing()
+    data, theta, lam = _point(seed)
+    ops = _operators(problem, kind, data, theta, lam)
+    assert _uses_compiled(ops["compile"], kind), "the product was not compiled"
+    v = torch.randn(BATCH, N, generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=torch.float64)
+    module, constants = ops["compile"].graph()
+    want = ops["forward"].mv(v)
+    torch.testing.assert_close(ops["compile"].mv(v), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(module(v, *constants), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ops["compile"].a.mv(v), ops["forward"].a.mv(v), rtol=1e-12,
+                               atol=1e-12)
+    merged = [t.merged for t in objective_module._TRACES[type(problem)].values()
+              if t is not None and t._with_diagonal is not None]
+    assert merged and all((m is None) == coupled_only for m in merged), merged
 
 
 def test_new_linearization_point_reuses_the_compiled_product(monkeypatch):
