@@ -1057,10 +1057,16 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
         traced.graph(True)  # sets traced.merged
         merged = traced.merged
         # The graph's diagonal input: d, plus the product's own scaling of v where that
-        # term was merged into it (the product alone then gets that scaling, else zeros).
-        zeros = torch.zeros_like(d)
-        alone = zeros if merged is None else zeros + constants[merged]
+        # term was merged into it (the product alone then gets that scaling, else zeros;
+        # made on its first use: PCG uses the sum only).
         d_in = d if merged is None else d + constants[merged]
+        alone: list[Tensor] = []
+
+        def alone_diagonal() -> Tensor:
+            if not alone:
+                zeros = torch.zeros_like(d)
+                alone.append(zeros if merged is None else zeros + constants[merged])
+            return alone[0]
     head = (check, d_in) if with_diagonal else (check,)
     compiled = traced.compiled_product((*head, *constants), with_diagonal)
     if compiled is None:
@@ -1090,7 +1096,7 @@ def _compiled_fold(traced: _Traced, apply: Callable[[Tensor], Tensor],
             if input_key((v,)) != like_check:
                 return apply(v)
             with torch.no_grad():
-                return compiled(v, alone, *constants)
+                return compiled(v, alone_diagonal(), *constants)
 
         # Both: the product part alone (a large diagonal would hide its error in the sum).
         def agrees() -> bool:
