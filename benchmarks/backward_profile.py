@@ -8,12 +8,23 @@ over ``--calls`` calls after ``--warmup`` untimed ones, split into the operator 
 (``solvers.pcg._pcg_loop``), both timed by wrapping them; the rest is the autograd glue.
 Prints one JSON line per case (medians, ms; PCG iterations; µs per iteration).
 
-``--compare-check`` runs each case twice more in the same process, in turns: once as
-usual and once with every trace treated as unproven (each solve then checks the product
-against the eager one, as before traces could be proven), and prints both medians.
+``--compare NAME`` runs each case in the same process, in turns (``--pairs`` times each,
+fresh traces each time), with one of the library's speed-ups off and on, and prints both
+lists of medians:
+
+- ``check``: every trace treated as unproven (each solve then checks the product against
+  the eager one, as before traces could be proven) against the proven trace, checked once;
+- ``steps_per_call``: one compiled PCG call per iteration against several between two
+  host looks (``CompiledVectorOps.steps_per_call``, small vectors only);
+- ``compiled_edges``: PCG's work before and after the loop eager against compiled
+  (``CompiledVectorOps.start`` / ``finish``);
+- ``merged_diagonal``: the product's own ``+ v ⊙ c`` term kept against merged into the
+  proximal diagonal input (``objective._merged_scaling``).
+
+``--compare-check`` is ``--compare check``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/backward_profile.py --sizes 10000,100000
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/backward_profile.py --compare-check
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/backward_profile.py --compare steps_per_call
 
 Not a timed test: a script, whose numbers depend on the machine and its load.
 """
@@ -92,23 +103,64 @@ def profile(problem: str, n: int, compiled: bool, calls: int, warmup: int) -> di
             "us_per_iteration": round(1e3 * loop / iterations, 1) if iterations else None}
 
 
-def compare_check(problem: str, n: int, compiled: bool, calls: int, warmup: int, pairs: int) -> dict:
-    """Backward medians with the proven-trace check (as shipped) and with every trace
-    checked on every solve, in turns, ``pairs`` times each (fresh traces each time)."""
+def _variants(name: str):
+    """``(off, on)`` for ``--compare name``: functions that set the library up without and
+    with that speed-up (module attributes, restored by :func:`compare`)."""
+    import torch
+
+    import difftto.objective as objective
+    from difftto.solvers import compiled
+
+    ops = compiled.vector_ops(torch.zeros(1))
+    saved = {"proven": objective._holds_everywhere, "merge": objective._merged_scaling,
+             "steps": compiled.CompiledVectorOps.steps_per_call,
+             "edges": (ops.start, ops.finish)}
+
+    def restore():
+        objective._holds_everywhere, objective._merged_scaling = saved["proven"], saved["merge"]
+        compiled.CompiledVectorOps.steps_per_call = saved["steps"]
+        ops.start, ops.finish = saved["edges"]
+
+    def set_check(on):
+        objective._holds_everywhere = saved["proven"] if on else (lambda *a: False)
+
+    def set_steps(on):
+        compiled.CompiledVectorOps.steps_per_call = saved["steps"] if on else 1
+
+    def set_edges(on):
+        ops.start, ops.finish = saved["edges"] if on else (None, None)
+
+    def set_merge(on):
+        objective._merged_scaling = saved["merge"] if on else (lambda product: None)
+
+    setters = {"check": set_check, "steps_per_call": set_steps, "compiled_edges": set_edges,
+               "merged_diagonal": set_merge}
+    if name not in setters:
+        raise ValueError(f"--compare must be one of {sorted(setters)}, got {name!r}")
+    return setters[name], restore
+
+
+COMPARE = ("check", "steps_per_call", "compiled_edges", "merged_diagonal")
+
+
+def compare(name: str, problem: str, n: int, compiled: bool, calls: int, warmup: int,
+            pairs: int) -> dict:
+    """Backward medians with the speed-up ``name`` off and on (see the module docstring),
+    in turns, ``pairs`` times each (fresh traces each time)."""
     import difftto.objective as objective
 
-    proven = objective._holds_everywhere
-    out: dict[str, list[float]] = {"proven": [], "check_every_solve": []}
+    setting, restore = _variants(name)
+    out: dict[str, list[float]] = {"off": [], "on": []}
     try:
         for _ in range(pairs):
             for variant in out:
                 objective._TRACES.clear()
-                objective._holds_everywhere = proven if variant == "proven" else (lambda *a: False)
+                setting(variant == "on")
                 out[variant].append(profile(problem, n, compiled, calls, warmup)["backward_ms"])
     finally:
-        objective._holds_everywhere = proven
-    return {"problem": problem, "n": n, "compiled": compiled, "calls": calls,
-            "backward_ms_proven": out["proven"], "backward_ms_check_every_solve": out["check_every_solve"]}
+        restore()
+    return {"problem": problem, "n": n, "compiled": compiled, "calls": calls, "compare": name,
+            "backward_ms_off": out["off"], "backward_ms_on": out["on"]}
 
 
 def main() -> None:
@@ -119,9 +171,10 @@ def main() -> None:
                         "instead of the compiled path")
     parser.add_argument("--calls", type=int, default=20, help="timed backwards per case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed backwards first (compilation)")
-    parser.add_argument("--compare-check", action="store_true",
-                        help="the proven-trace check against a check on every solve, in turns")
-    parser.add_argument("--pairs", type=int, default=2, help="turns per variant with --compare-check")
+    parser.add_argument("--compare", choices=COMPARE,
+                        help="one speed-up off and on, in turns (see the module docstring)")
+    parser.add_argument("--compare-check", action="store_true", help="--compare check")
+    parser.add_argument("--pairs", type=int, default=2, help="turns per variant with --compare")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     for name, value in (("--calls", args.calls), ("--pairs", args.pairs), ("--threads", args.threads)):
@@ -135,8 +188,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for problem in args.problems.split(","):
         for n in (int(s) for s in args.sizes.split(",")):
-            if args.compare_check:
-                record = compare_check(problem, n, not args.eager, args.calls, args.warmup, args.pairs)
+            name = "check" if args.compare_check else args.compare
+            if name is not None:
+                record = compare(name, problem, n, not args.eager, args.calls, args.warmup,
+                                 args.pairs)
             else:
                 record = profile(problem, n, not args.eager, args.calls, args.warmup)
             print(json.dumps(record), flush=True)
