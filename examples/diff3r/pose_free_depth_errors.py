@@ -14,7 +14,12 @@ Per scene (means over the scenes printed):
 With ``--sweep-poses true`` a ``model.depth_source=sweep`` checkpoint's plane sweep
 uses the *true* relative context poses instead of its predicted ones (a diagnostic:
 how much of the depth error is the poses'); with ``both``, each such checkpoint is
-scored both ways.
+scored both ways. For every checkpoint also the *pose reprojection error* (pixels):
+how far each context pixel, at its true depth, lands in the other context view with
+the predicted relative pose (its translation rescaled to the true baseline: a scale
+error only rescales the depths) from where it lands with the true one; the epipolar
+error a plane sweep with the predicted poses works with, to compare with the
+reference's parallax of the shape.
 
 ``--reference`` (with ``--data-root``) scores two references on the data itself: a
 constant depth map (its shape error is the true depths' own spread about their
@@ -45,11 +50,11 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from difftto.problems.splatting.se3 import se3_log  # noqa: E402
+from difftto.problems.splatting.se3 import se3_exp, se3_log  # noqa: E402
 from examples.diff3r import pose_free  # noqa: E402
 from examples.diff3r.train import compose_config, make_dataset, model_from_checkpoint, prepare_data  # noqa: E402
 
-__all__ = ["depth_errors", "shape_parallax", "true_sweep_pose"]
+__all__ = ["depth_errors", "pose_reprojection_error", "shape_parallax", "true_sweep_pose"]
 
 METRICS = ("relative", "abs_log", "shape", "shape_view", "mean_depth", "mean_true")
 
@@ -122,6 +127,43 @@ def shape_parallax(batch) -> torch.Tensor:
     return torch.cat(out)
 
 
+def pose_reprojection_error(batch, pose: torch.Tensor) -> torch.Tensor:
+    """For a first-view-frame batch of one scene with ``context_depths`` and predicted
+    twists ``pose [1, V, 6]`` (world-to-camera, first view's frame): for every ordered
+    pair of context views ``(s, d)``, each pixel of ``s`` at its true depth projected into
+    ``d`` with the true cameras and with the predicted ones (each predicted camera center
+    rescaled to its true distance from view 0's); the distance between the two (pixels
+    of ``d``) where the true projection lands inside ``d`` in front of it. 1-D."""
+    true = batch["context_depths"][0].double()
+    V, H, W = true.shape
+    K = (batch["context_intrinsics"][0].double()
+         * torch.tensor([float(W), float(H), 1.0], dtype=torch.float64)[:, None])
+    c2w = batch["context_extrinsics"][0].double()
+    pred_c2w = se3_exp(-pose[0].double())
+    norm_true, norm_pred = c2w[:, :3, 3].norm(dim=-1), pred_c2w[:, :3, 3].norm(dim=-1)
+    factor = torch.where(norm_pred > 1e-12, norm_true / norm_pred.clamp_min(1e-12), torch.ones_like(norm_pred))
+    pred_c2w = pred_c2w.clone()
+    pred_c2w[:, :3, 3] = pred_c2w[:, :3, 3] * factor[:, None]
+    w2c, pred_w2c = torch.linalg.inv(c2w), torch.linalg.inv(pred_c2w)
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
+                          indexing="ij")
+    pix = torch.stack([u, v, torch.ones_like(u)], dim=-1)
+    out = []
+    for s in range(V):
+        ray = pix @ torch.linalg.inv(K[s]).T
+        valid = torch.isfinite(true[s]) & (true[s] > 0)
+        depth = torch.where(valid, true[s], torch.ones_like(true[s]))
+        for d in range(V):
+            if d == s:
+                continue
+            at_true, z = _project(ray, depth, c2w[s], w2c[d], K[d])
+            at_pred, _ = _project(ray, depth, pred_c2w[s], pred_w2c[d], K[d])
+            seen = valid & (z > 0) & (at_true[..., 0] >= 0) & (at_true[..., 0] <= W) & (at_true[..., 1] >= 0) \
+                & (at_true[..., 1] <= H)
+            out.append((at_true - at_pred).norm(dim=-1)[seen])
+    return torch.cat(out)
+
+
 def reference(dataset, n: int) -> dict:
     """``--reference``: the constant depth map's errors and the shape's parallax (pixels)."""
     records, parallax = [], []
@@ -182,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         for which in poses if sweep else ("predicted",):
             started = time.perf_counter()
             n = len(dataset) if a.max_scenes is None else min(len(dataset), a.max_scenes)
-            records = []
+            records, reprojection = [], []
             for i in range(n):
                 batch = pose_free.first_view_frame(default_collate([dataset[i]]))
                 with torch.no_grad():
@@ -190,14 +232,19 @@ def main(argv: list[str] | None = None) -> dict:
                     pred = model(batch["context_images"], batch["context_intrinsics"], batch["context_near"],
                                  batch["context_far"], sweep_pose=sweep_pose)
                 records.append(depth_errors(pred.depth[0], batch["context_depths"][0]))
+                reprojection.append(pose_reprojection_error(batch, pred.theta["pose"]))
+            px = torch.cat(reprojection)
             name = f"{ckpt}" + (f" (sweep with the {which} poses)" if sweep else "")
             mean = {k: sum(r[k] for r in records) / n for k in METRICS}
             results[name] = {"scenes": n, "depth_source": model.depth_source if sweep else "monocular",
                              "sweep_poses": which if sweep else None, **mean,
-                             "shape_se": _mean_se([r["shape"] for r in records])[1], "per_scene": records}
+                             "shape_se": _mean_se([r["shape"] for r in records])[1],
+                             "pose_reprojection_px": {"median": float(px.median()), "mean": float(px.mean())},
+                             "per_scene": records}
             print(f"{name}: {n} scenes, relative {mean['relative']:.3f}, |log ratio| {mean['abs_log']:.3f}, "
                   f"shape {mean['shape']:.3f} (per view {mean['shape_view']:.3f}), mean depth "
-                  f"{mean['mean_depth']:.2f} (true {mean['mean_true']:.2f}) ({time.perf_counter() - started:.0f} s)",
+                  f"{mean['mean_depth']:.2f} (true {mean['mean_true']:.2f}); pose reprojection error median "
+                  f"{float(px.median()):.2f} px, mean {float(px.mean()):.2f} ({time.perf_counter() - started:.0f} s)",
                   flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1) + "\n")

@@ -327,3 +327,29 @@ def test_teacher_forced_sweep_uses_the_true_poses_in_training_only(tmp_path):
     assert torch.equal(train_pred.theta["pose"], eval_pred.theta["pose"])
     with pytest.raises(ValueError, match=r"sweep_training_poses: expected 'predicted' or 'true', got 'gt'"):
         pose_free.PoseFreeModel(**SWEEP, sweep_training_poses="gt")
+
+
+@settings(max_examples=20, deadline=None)
+@given(baseline=st.floats(0.2, 1.0), scale=st.floats(0.3, 3.0), yaw=st.floats(0.5, 3.0))
+def test_pose_reprojection_error_ignores_the_translation_scale(baseline, scale, yaw):
+    """The true relative pose, or its translation scaled by any factor (a scale error
+    only rescales the depths), reprojects every seen pixel exactly (0 px); a yaw error
+    of ``yaw``° moves the pixels near the image center by about ``f · tan(yaw)``."""
+    from examples.diff3r.pose_free_depth_errors import pose_reprojection_error
+
+    H, W, f = 8, 8, 8.0
+    depth = torch.full((1, 2, H, W), 4.0, dtype=torch.float64)
+    c2w = torch.eye(4, dtype=torch.float64).repeat(1, 2, 1, 1)
+    c2w[0, 1, 0, 3] = baseline
+    K = torch.tensor([[f / W, 0.0, 0.5], [0.0, f / H, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64).expand(1, 2, 3, 3)
+    batch = {"context_depths": depth, "context_extrinsics": c2w, "context_intrinsics": K}
+    true = se3_log(torch.linalg.inv(c2w))
+    scaled = true.clone()
+    scaled[..., :3] *= scale  # the twist's translation part: exp scales the translation with it
+    for pose in (true, scaled):
+        x = pose_reprojection_error(batch, pose)
+        assert x.numel() > 0 and float(x.abs().max()) < 1e-9
+    wrong_c2w = c2w.clone()
+    wrong_c2w[0, 1, :3, :3] = _rot_y(yaw)
+    x = pose_reprojection_error(batch, se3_log(torch.linalg.inv(wrong_c2w)))
+    assert float(x.median()) == pytest.approx(f * math.tan(math.radians(yaw)), rel=0.25)
