@@ -347,7 +347,7 @@ class PoseFreeModel(nn.Module):
             sweep sees the poses detached (they still get the means' and the layer's
             gradients).
         sweep_training_poses: ``"predicted"`` (the default): the sweep uses the predicted
-            poses in training as at test time; ``"true"``: in training mode
+            poses in training as at test time; ``"ground_truth"``: in training mode
             (``model.training``) :func:`predict` gives the sweep the batch's true context
             poses (teacher forcing; at test time, in eval mode, the predicted ones).
         attach: ``"world"``: the layer refines the Gaussians in the first view's frame;
@@ -418,8 +418,9 @@ class PoseFreeModel(nn.Module):
         self.depth_candidates = depth_candidates
         self.sweep_depth_refine = _non_negative("sweep_depth_refine", sweep_depth_refine)
         self.sweep_pose_gradient = _check_bool("sweep_pose_gradient", sweep_pose_gradient)
-        if sweep_training_poses not in ("predicted", "true"):
-            raise ValueError(f"sweep_training_poses: expected 'predicted' or 'true', got {sweep_training_poses!r}")
+        if sweep_training_poses not in ("predicted", "ground_truth"):
+            raise ValueError(f"sweep_training_poses: expected 'predicted' or 'ground_truth', "
+                             f"got {sweep_training_poses!r}")
         self.sweep_training_poses = sweep_training_poses
         rotation_init = values[-1] if lam_pose_rotation is None else float(lam_pose_rotation)
         self.register_buffer("lam_pose_init", torch.tensor([values[-1]] * 3 + [rotation_init] * 3),
@@ -1013,11 +1014,11 @@ def predict(model: PoseFreeModel, batch: Mapping[str, Tensor], context_images: T
             ) -> PoseFreeOutput:
     """The model's prediction from ``batch``'s context views: their images (or
     ``context_images`` in their place), intrinsics and depth bounds, never their poses
-    (except in training mode with ``sweep_training_poses="true"``: the first-view-frame
+    (except in training mode with ``sweep_training_poses="ground_truth"``: the first-view-frame
     context poses for the plane sweep, teacher forcing)."""
     images = batch["context_images"] if context_images is None else context_images
     if (model.training and getattr(model, "depth_source", "monocular") == "sweep"
-            and getattr(model, "sweep_training_poses", "predicted") == "true"):
+            and getattr(model, "sweep_training_poses", "predicted") == "ground_truth"):
         return model(images, batch["context_intrinsics"], batch["context_near"], batch["context_far"],
                      sweep_pose=se3_log(_invert(batch["context_extrinsics"])))
     return model(images, batch["context_intrinsics"], batch["context_near"], batch["context_far"])

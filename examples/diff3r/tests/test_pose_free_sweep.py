@@ -265,6 +265,9 @@ def test_config_passes_the_options_and_the_preset_is_monocular():
     model = build_model(cfg.model)
     assert model.depth_source == "sweep" and model.depth_candidates == 6 and model.sweep_pose_gradient is False
     assert model.head[0].in_channels == 3 + 3 * 8 + 7
+    assert model.sweep_training_poses == "predicted"
+    cfg = compose_config(["model=pose_free", "model.depth_source=sweep", "model.sweep_training_poses=ground_truth"])
+    assert build_model(cfg.model).sweep_training_poses == "ground_truth"
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -308,13 +311,13 @@ def test_shape_parallax_of_a_two_depth_scene(baseline, near_depth, far_depth):
 
 
 def test_teacher_forced_sweep_uses_the_true_poses_in_training_only(tmp_path):
-    """``sweep_training_poses="true"``: in training mode ``predict`` gives the sweep the
+    """``sweep_training_poses="ground_truth"``: in training mode ``predict`` gives the sweep the
     batch's true context poses (the depths equal the model's with ``sweep_pose`` = the
     true twists), in eval mode the predicted ones; the returned poses are the predicted
     ones either way."""
     batch = tiny_pose_free_batch(tiny_dataset(tmp_path / "data"))
     torch.manual_seed(0)
-    model = pose_free.PoseFreeModel(**SWEEP, sweep_training_poses="true")
+    model = pose_free.PoseFreeModel(**SWEEP, sweep_training_poses="ground_truth")
     with torch.no_grad():
         model.pose_out.bias[:6] = torch.tensor([0.3, -0.2, 0.1, 0.05, -0.04, 0.03])
         args = (batch["context_images"], batch["context_intrinsics"], batch["context_near"], batch["context_far"])
@@ -325,8 +328,8 @@ def test_teacher_forced_sweep_uses_the_true_poses_in_training_only(tmp_path):
     assert torch.equal(train_pred.depth, forced.depth) and torch.equal(eval_pred.depth, own.depth)
     assert not torch.equal(train_pred.depth, eval_pred.depth)
     assert torch.equal(train_pred.theta["pose"], eval_pred.theta["pose"])
-    with pytest.raises(ValueError, match=r"sweep_training_poses: expected 'predicted' or 'true', got 'gt'"):
-        pose_free.PoseFreeModel(**SWEEP, sweep_training_poses="gt")
+    with pytest.raises(ValueError, match=r"sweep_training_poses: expected 'predicted' or 'ground_truth', got True"):
+        pose_free.PoseFreeModel(**SWEEP, sweep_training_poses=True)
 
 
 @settings(max_examples=20, deadline=None)
