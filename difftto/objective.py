@@ -406,7 +406,9 @@ def _plus_proximal(term: LinearOperator, lam: Tensor | None, product) -> LinearO
     product) was compiled with ``Λ`` (:class:`_Folded`), else the two products added."""
     if lam is None:
         return term
-    proximal = DiagonalOperator(lam, positive_definite=bool((lam > 0).all()))
+    # (min > 0: one reduction, no mask; NaN propagates to the min and fails it too)
+    positive = lam.numel() == 0 or bool(lam.amin() > 0)
+    proximal = DiagonalOperator(lam, positive_definite=positive)
     if isinstance(product, _Folded) and product.plus_diagonal is not None:
         return SumOperator(term, proximal, product=product.plus_diagonal, graph=product.graph)
     return term + proximal

@@ -111,7 +111,8 @@ class Layout:
     def unflatten(self, flat: Tensor) -> Params:
         """The structure back from ``[B, n]`` (views; differentiable)."""
         batch = flat.shape[0]
-        parts = torch.split(flat, self.sizes, dim=1)
+        # One group: no split (whose backward would copy the gradient into a new tensor).
+        parts = (flat,) if len(self.sizes) == 1 else torch.split(flat, self.sizes, dim=1)
         tensors = [p.reshape(batch, *s) for p, s in zip(parts, self.shapes)]
         if self.keys is None:
             return tensors[0]
