@@ -27,6 +27,10 @@ median: what a flat prediction scores) and the *parallax of the shape*, how far 
 pixels of the other context view) each context pixel seen there moves between its true
 depth and its view's median depth: what a two-view match must resolve to see the shape.
 
+``--min-context-gap G`` widens each scene's context pair to at least ``G`` frames
+first (``pose_free_eval.py``'s option of the same name), for the parallax of wider
+baselines; the reference then also prints the context pairs' mean overlap.
+
 Run::
 
     python examples/diff3r/pose_free_depth_errors.py <run>/pose_free/zero_shot/checkpoint.pt \\
@@ -52,6 +56,8 @@ from torch.utils.data import default_collate  # noqa: E402
 
 from difftto.problems.splatting.se3 import se3_exp, se3_log  # noqa: E402
 from examples.diff3r import pose_free  # noqa: E402
+from examples.diff3r.data.sampler import pair_overlap  # noqa: E402
+from examples.diff3r.pose_free_eval import with_min_context_gap  # noqa: E402
 from examples.diff3r.train import compose_config, make_dataset, model_from_checkpoint, prepare_data  # noqa: E402
 
 __all__ = ["depth_errors", "pose_reprojection_error", "shape_parallax", "true_sweep_pose"]
@@ -166,21 +172,29 @@ def pose_reprojection_error(batch, pose: torch.Tensor) -> torch.Tensor:
 
 def reference(dataset, n: int) -> dict:
     """``--reference``: the constant depth map's errors and the shape's parallax (pixels)."""
-    records, parallax = [], []
+    records, parallax, overlap, gaps = [], [], [], []
     for i in range(n):
         batch = pose_free.first_view_frame(default_collate([dataset[i]]))
         true = batch["context_depths"][0]
         records.append(depth_errors(torch.ones_like(true), true))
         parallax.append(shape_parallax(batch))
+        H, W = true.shape[-2:]
+        K = batch["context_intrinsics"][0] * torch.tensor([float(W), float(H), 1.0])[:, None]
+        overlap.append(pair_overlap(true, K, batch["context_extrinsics"][0], 0, 1))
+        context = dataset.views(i)[0]
+        gaps.append(max(context) - min(context))
     x = torch.cat(parallax)
     out = {"constant_depth": {k: sum(r[k] for r in records) / n for k in ("shape", "shape_view")},
+           "context_gap": {"mean": sum(gaps) / n, "min": min(gaps), "max": max(gaps)},
+           "overlap_views_0_1": sum(overlap) / n,
            "parallax_px": {"median": float(x.median()), "mean": float(x.mean()), "q75": float(x.quantile(0.75)),
                            "q90": float(x.quantile(0.9)), "below_1px": float((x < 1).double().mean())}}
     c, q = out["constant_depth"], out["parallax_px"]
     print(f"reference, {n} scenes: a constant depth map's shape error {c['shape']:.3f} (per view "
           f"{c['shape_view']:.3f}); the shape's parallax in the other context view: median {q['median']:.2f} px, "
-          f"mean {q['mean']:.2f}, 75% {q['q75']:.2f}, 90% {q['q90']:.2f}, below 1 px: {q['below_1px']:.0%}",
-          flush=True)
+          f"mean {q['mean']:.2f}, 75% {q['q75']:.2f}, 90% {q['q90']:.2f}, below 1 px: {q['below_1px']:.0%}; "
+          f"context gap {out['context_gap']['mean']:.1f} frames ({min(gaps)}-{max(gaps)}), overlap of views "
+          f"0 and 1 {out['overlap_views_0_1']:.2f}", flush=True)
     return out
 
 
@@ -199,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reference", action="store_true",
                    help="also score a constant depth map and the shape's parallax on --data-root")
     p.add_argument("--max-scenes", type=int)
+    p.add_argument("--min-context-gap", type=int,
+                   help="widen each scene's context pair to at least this many frames (targets kept)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     if not a.checkpoints and not a.reference:
@@ -210,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.reference:
         cfg = compose_config(["model=pose_free"])
         dataset = make_dataset(cfg, Path(a.data_root), "test", evaluation=True, load_depth=True)
+        if a.min_context_gap is not None:
+            with_min_context_gap(dataset, a.min_context_gap)
         n = len(dataset) if a.max_scenes is None else min(len(dataset), a.max_scenes)
         results["reference"] = reference(dataset, n)
     for ckpt in a.checkpoints:
@@ -219,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = OmegaConf.create(state["config"])
         root = Path(a.data_root) if a.data_root else prepare_data(cfg.data)
         dataset = make_dataset(cfg, root, "test", evaluation=True, load_depth=True)
+        if a.min_context_gap is not None:
+            with_min_context_gap(dataset, a.min_context_gap)
         sweep = getattr(model, "depth_source", "monocular") == "sweep"
         poses = {"predicted": ("predicted",), "true": ("true",), "both": ("predicted", "true")}[a.sweep_poses]
         for which in poses if sweep else ("predicted",):

@@ -52,7 +52,8 @@ from examples.diff3r.metrics import finite_mean, psnr, ssim  # noqa: E402
 from examples.diff3r.pose_alignment import align_target_poses, relative_pose_errors, scale_aligned_targets  # noqa: E402
 from examples.diff3r.train import CHECKPOINT_NAME  # noqa: E402
 
-__all__ = ["evaluate_pose_free", "extended_context", "pose_table", "demo", "with_context_views"]
+__all__ = ["evaluate_pose_free", "extended_context", "pose_table", "demo", "widened_context",
+           "with_context_views", "with_min_context_gap"]
 
 
 def _invert(T: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,45 @@ def extended_context(context: list[int], target: list[int], num_views: int, coun
         raise ValueError(f"count: a scene of {num_views} views with context {context} and targets {target} "
                          f"has no {count} distinct non-target context views")
     return list(context) + sorted(picks)
+
+
+def widened_context(context: list[int], num_views: int, min_gap: int) -> list[int]:
+    """``context`` (an evaluation-index entry's views) with its outer pair moved apart
+    until they are ``min_gap`` frames apart (at most the scene's ``num_views - 1``): one
+    frame at a time, on the side that keeps the pair's center nearest the original
+    one's (below first on a tie), within the scene. Views between the outer pair stay,
+    so the targets stay between the context views; a pair already ``min_gap`` apart is
+    returned as it is. The outer views keep their places in the list (the first view
+    stays the frame)."""
+    if min_gap < 1:
+        raise ValueError(f"min_gap: expected >= 1, got {min_gap}")
+    lo, hi = min(context), max(context)
+    gap = min(int(min_gap), num_views - 1)
+    center = (lo + hi) / 2
+    new_lo, new_hi = lo, hi
+    while new_hi - new_lo < gap:
+        moves = [(abs((new_lo - 1 + new_hi) / 2 - center), 0)] if new_lo > 0 else []
+        moves += [(abs((new_lo + new_hi + 1) / 2 - center), 1)] if new_hi < num_views - 1 else []
+        if min(moves)[1] == 0:
+            new_lo -= 1
+        else:
+            new_hi += 1
+    return [new_lo if v == lo else new_hi if v == hi else v for v in context]
+
+
+def with_min_context_gap(dataset, min_gap: int):
+    """Set ``dataset``'s evaluation index (in place) to its context pairs widened to at
+    least ``min_gap`` frames (:func:`widened_context`), the targets kept; returns the
+    dataset. Wider context baselines: more parallax for the depths' shape (README,
+    pose-free, issue #7)."""
+    index = {}
+    for i, key in enumerate(dataset.keys):
+        context, target = dataset.views(i)
+        num_views = dataset._scene(key)[0]["cameras"].shape[0]
+        index[key] = {"context": widened_context(context, num_views, int(min_gap)), "target": target}
+    dataset.evaluation_index = index
+    dataset.evaluation_path = None
+    return dataset
 
 
 def with_context_views(dataset, count: int):
@@ -172,13 +212,16 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
                        exposure_view: int = 1, tto_steps: int | None = None, max_scenes: int | None = None,
                        align_steps: int = 100, align_lr: float = 5e-3, tto_pose_lr: float | None = None,
                        tto_pose_translation_unit: float | None = None,
-                       num_context_views: int | None = None, figure_scenes: int = 4, threads: int = 1) -> dict:
+                       num_context_views: int | None = None, min_context_gap: int | None = None,
+                       figure_scenes: int = 4, threads: int = 1) -> dict:
     """Evaluate pose-free checkpoints on the test split's evaluation index; writes
     ``results.json`` and ``results.md`` into ``out_dir`` and returns the results.
 
     ``num_context_views``: context views per scene (default: the training config's
     ``data.num_context_views``, else 2); views beyond the index's are added by
-    :func:`extended_context`. ``renders.png``: for the first ``figure_scenes`` scenes,
+    :func:`extended_context`. ``min_context_gap``: the index's context pairs first widened
+    to at least this many frames (:func:`widened_context`; default: as in the index).
+    ``renders.png``: for the first ``figure_scenes`` scenes,
     the context views, the first target and each row's render of it after target-pose
     alignment."""
     torch.set_num_threads(int(threads))
@@ -200,6 +243,8 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
         num_context_views = int(cfg.data.get("num_context_views", 2))
     if num_context_views < 2:
         raise ValueError(f"num_context_views: expected >= 2, got {num_context_views}")
+    if min_context_gap is not None:
+        with_min_context_gap(dataset, int(min_context_gap))
     with_context_views(dataset, int(num_context_views))
     pose_lr = float(cfg.model.tto_pose_lr) if tto_pose_lr is None else float(tto_pose_lr)
     layer = pose_free.build_layer(tto_cfg, "implicit", pose_lr)
@@ -227,6 +272,7 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
 
     results: dict[str, Any] = {
         "scenes": n, "keys": keys, "num_context_views": int(num_context_views), "context_views": contexts,
+        "min_context_gap": min_context_gap,
         "data_root": str(root), "image_size": list(dataset.image_size),
         "tto": tto_cfg, "tto_pose_lr": pose_lr, "naive_lam": naive_lam,
         "tto_pose_translation_unit": {r.name: float(getattr(r.model, "tto_pose_translation_unit", 1.0))
@@ -248,7 +294,8 @@ def evaluate_pose_free(zero_shot: str | Path, diff3r: str | Path | None = None,
         results["figures"] = {"renders": str(image_grid(figure_rows, out_dir / "renders.png", col_labels=labels))}
     results["seconds"] = round(time.perf_counter() - started, 1)
     text = (f"Pose-free, held-out scenes: {n} ({dataset.image_size[0]}×{dataset.image_size[1]} px), "
-            f"{num_context_views} context views, TTO: "
+            f"{num_context_views} context views"
+            + ("" if min_context_gap is None else f" (pairs widened to ≥ {min_context_gap} frames)") + ", TTO: "
             f"{tto_cfg['inner']} {tto_cfg['steps']} steps on Gaussians and context poses (pose lr {pose_lr}"
             + "".join(f", {name}: translation in θ in units of {u:g}"
                       for name, u in results["tto_pose_translation_unit"].items() if u != 1.0) + "); "
@@ -327,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-context-views", type=int,
                    help="context views per scene (default: the training config's, else 2; views are added to "
                         "the evaluation index's two)")
+    p.add_argument("--min-context-gap", type=int,
+                   help="widen each index context pair to at least this many frames, the targets kept "
+                        "(default: the index's pairs)")
     p.add_argument("--figure-scenes", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -338,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      max_scenes=a.max_scenes, align_steps=a.align_steps, align_lr=a.align_lr,
                                      tto_pose_lr=a.tto_pose_lr,
                                      tto_pose_translation_unit=a.tto_pose_translation_unit,
-                                     num_context_views=a.num_context_views,
+                                     num_context_views=a.num_context_views, min_context_gap=a.min_context_gap,
                                      figure_scenes=a.figure_scenes, threads=a.threads)
     print((Path(a.out) / "results.md").read_text())
     return results
