@@ -14,6 +14,8 @@ depths instead of the predicted ones: the TTO with consistent depths. With
 the true scale per view, the predicted shape. Prints the mean
 rotation and translation-direction errors Θ0 → Θ* (degrees) with ± the standard error
 of the per-scene difference and the scenes where the rotation error drops.
+``--min-context-gap G`` first widens each scene's context pair to at least ``G`` frames
+(``pose_free_eval.py``'s option of the same name).
 
 Run::
 
@@ -42,6 +44,7 @@ import difftto  # noqa: E402
 from difftto.problems.splatting.se3 import se3_exp  # noqa: E402
 from examples.diff3r import pose_free  # noqa: E402
 from examples.diff3r.pose_alignment import relative_pose_errors  # noqa: E402
+from examples.diff3r.pose_free_eval import with_min_context_gap  # noqa: E402
 from examples.diff3r.train import make_dataset, model_from_checkpoint, prepare_data  # noqa: E402
 
 
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                             "its median ratio ground-truth / predicted: the true scale per view, the predicted "
                             "shape (checkpoints and data as --gt-depth)")
     p.add_argument("--max-scenes", type=int)
+    p.add_argument("--min-context-gap", type=int,
+                   help="widen each scene's context pair to at least this many frames (targets kept)")
     a = p.parse_args(argv)
     configs = {c: parse_config(c) for c in a.config}
     torch.set_num_threads(1)
@@ -125,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     cfg = OmegaConf.create(state["config"])
     root = Path(a.data_root) if a.data_root else prepare_data(cfg.data)
     dataset = make_dataset(cfg, root, "test", evaluation=True, load_depth=depth_option is not None)
+    if a.min_context_gap is not None:
+        with_min_context_gap(dataset, a.min_context_gap)
     tto = OmegaConf.to_container(cfg.tto, resolve=True)
     lr = pose_free._by_group(tto["lr"], "tto.lr", float(cfg.model.tto_pose_lr))
 
