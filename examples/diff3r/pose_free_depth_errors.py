@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-scenes", type=int)
     p.add_argument("--min-context-gap", type=int,
                    help="widen each scene's context pair to at least this many frames (targets kept)")
+    p.add_argument("--image-size", type=int,
+                   help="--reference: the size the data is read at (default: the config's data.image_size, 32)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     if not a.checkpoints and not a.reference:
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     results = {}
     if a.reference:
-        cfg = compose_config(["model=pose_free"])
+        size = [] if a.image_size is None else [f"data.image_size={a.image_size}"]
+        cfg = compose_config(["model=pose_free", *size])
         dataset = make_dataset(cfg, Path(a.data_root), "test", evaluation=True, load_depth=True)
         if a.min_context_gap is not None:
             with_min_context_gap(dataset, a.min_context_gap)
