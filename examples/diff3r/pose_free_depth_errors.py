@@ -107,29 +107,48 @@ def shape_parallax(batch) -> torch.Tensor:
     and at view ``s``'s median true depth, both projected into ``d``; the distance between
     the two (pixels of ``d``) where the true point lands inside ``d`` in front of it. A
     1-D tensor over those pixels."""
+    true, K, c2w, rays = _context_geometry(batch)
+    w2c = torch.linalg.inv(c2w)
+
+    def at_median(s, d, ray, valid):
+        depth = torch.full_like(true[s], float(true[s][valid].median()))
+        return _project(ray, depth, c2w[s], w2c[d], K[d])[0]
+
+    return _displacements(true, K, c2w, rays, at_median)
+
+
+def _context_geometry(batch):
+    """``(true depths [V, H, W], pixel intrinsics [V, 3, 3], c2w [V, 4, 4], each view's
+    pixel-centre rays [V, H, W, 3] at camera z = 1)`` of a one-scene batch, float64."""
     true = batch["context_depths"][0].double()
     V, H, W = true.shape
     K = (batch["context_intrinsics"][0].double()
          * torch.tensor([float(W), float(H), 1.0], dtype=torch.float64)[:, None])
-    c2w = batch["context_extrinsics"][0].double()
-    w2c = torch.linalg.inv(c2w)
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
                           indexing="ij")
     pix = torch.stack([u, v, torch.ones_like(u)], dim=-1)
+    rays = torch.stack([pix @ torch.linalg.inv(K[s]).T for s in range(V)])
+    return true, K, batch["context_extrinsics"][0].double(), rays
+
+
+def _displacements(true, K, c2w, rays, other) -> torch.Tensor:
+    """For every ordered pair of context views ``(s, d)``: each pixel of ``s`` at its true
+    depth projected into ``d`` with the true cameras, against ``other(s, d, ray, valid)``
+    (pixel coordinates in ``d`` ``[H, W, 2]``); the distances (pixels of ``d``) where the
+    true projection lands inside ``d`` in front of it, as one 1-D tensor."""
+    V, H, W = true.shape
+    w2c = torch.linalg.inv(c2w)
     out = []
     for s in range(V):
-        ray = pix @ torch.linalg.inv(K[s]).T
         valid = torch.isfinite(true[s]) & (true[s] > 0)
+        depth = torch.where(valid, true[s], torch.ones_like(true[s]))
         for d in range(V):
             if d == s:
                 continue
-
-            at_true, z = _project(ray, torch.where(valid, true[s], torch.ones_like(true[s])), c2w[s], w2c[d], K[d])
-            at_median, _ = _project(ray, torch.full_like(true[s], float(true[s][valid].median())), c2w[s], w2c[d],
-                                    K[d])
+            at_true, z = _project(rays[s], depth, c2w[s], w2c[d], K[d])
             seen = valid & (z > 0) & (at_true[..., 0] >= 0) & (at_true[..., 0] <= W) & (at_true[..., 1] >= 0) \
                 & (at_true[..., 1] <= H)
-            out.append((at_true - at_median).norm(dim=-1)[seen])
+            out.append((at_true - other(s, d, rays[s], valid)).norm(dim=-1)[seen])
     return torch.cat(out)
 
 
@@ -140,34 +159,19 @@ def pose_reprojection_error(batch, pose: torch.Tensor) -> torch.Tensor:
     ``d`` with the true cameras and with the predicted ones (each predicted camera center
     rescaled to its true distance from view 0's); the distance between the two (pixels
     of ``d``) where the true projection lands inside ``d`` in front of it. 1-D."""
-    true = batch["context_depths"][0].double()
-    V, H, W = true.shape
-    K = (batch["context_intrinsics"][0].double()
-         * torch.tensor([float(W), float(H), 1.0], dtype=torch.float64)[:, None])
-    c2w = batch["context_extrinsics"][0].double()
+    true, K, c2w, rays = _context_geometry(batch)
     pred_c2w = se3_exp(-pose[0].double())
     norm_true, norm_pred = c2w[:, :3, 3].norm(dim=-1), pred_c2w[:, :3, 3].norm(dim=-1)
     factor = torch.where(norm_pred > 1e-12, norm_true / norm_pred.clamp_min(1e-12), torch.ones_like(norm_pred))
     pred_c2w = pred_c2w.clone()
     pred_c2w[:, :3, 3] = pred_c2w[:, :3, 3] * factor[:, None]
-    w2c, pred_w2c = torch.linalg.inv(c2w), torch.linalg.inv(pred_c2w)
-    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
-                          indexing="ij")
-    pix = torch.stack([u, v, torch.ones_like(u)], dim=-1)
-    out = []
-    for s in range(V):
-        ray = pix @ torch.linalg.inv(K[s]).T
-        valid = torch.isfinite(true[s]) & (true[s] > 0)
+    pred_w2c = torch.linalg.inv(pred_c2w)
+
+    def at_pred(s, d, ray, valid):
         depth = torch.where(valid, true[s], torch.ones_like(true[s]))
-        for d in range(V):
-            if d == s:
-                continue
-            at_true, z = _project(ray, depth, c2w[s], w2c[d], K[d])
-            at_pred, _ = _project(ray, depth, pred_c2w[s], pred_w2c[d], K[d])
-            seen = valid & (z > 0) & (at_true[..., 0] >= 0) & (at_true[..., 0] <= W) & (at_true[..., 1] >= 0) \
-                & (at_true[..., 1] <= H)
-            out.append((at_true - at_pred).norm(dim=-1)[seen])
-    return torch.cat(out)
+        return _project(ray, depth, pred_c2w[s], pred_w2c[d], K[d])[0]
+
+    return _displacements(true, K, c2w, rays, at_pred)
 
 
 def reference(dataset, n: int) -> dict:
