@@ -868,18 +868,8 @@ def _trace_linear_map(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...],
             env[node] = product_graph.node_copy(node, env.__getitem__)
         elif node.op == "output":
             product_graph.output(torch.fx.node.map_arg(node.args[0], env.__getitem__))
-    _simplify(product_graph)
-    # Constants the simplified product no longer reads are neither computed nor passed.
-    slots = {env[node]: i for i, node in enumerate(needed)}
-    unused = [node for node in slots if not node.users]
-    if unused:
-        dropped = {slots[node] for node in unused}
-        for node in unused:
-            product_graph.erase_node(node)
-        (out,) = [n for n in const_graph.nodes if n.op == "output"]
-        out.args = (tuple(a for i, a in enumerate(out.args[0]) if i not in dropped),)
-        const_graph.eliminate_dead_code()
-        constants = torch.fx.GraphModule(traced, const_graph)
+    # No second _simplify here: _fold_scalings sweeps the whole graph, _simplify included,
+    # until a sweep rewrites nothing, and every constant in ``needed`` has a reader here.
     return _Traced(constants, torch.fx.GraphModule(torch.nn.Module(), product_graph))
 
 
