@@ -228,14 +228,19 @@ def main(argv: list[str] | None = None) -> dict:
     if a.reference and not a.data_root:
         p.error("--reference needs --data-root")
     torch.set_num_threads(1)
+
+    def test_split(cfg, root):
+        """The test split (pairs widened with ``--min-context-gap``) and how many scenes."""
+        dataset = make_dataset(cfg, root, "test", evaluation=True, load_depth=True)
+        if a.min_context_gap is not None:
+            with_min_context_gap(dataset, a.min_context_gap)
+        return dataset, len(dataset) if a.max_scenes is None else min(len(dataset), a.max_scenes)
+
     results = {}
     if a.reference:
         size = [] if a.image_size is None else [f"data.image_size={a.image_size}"]
         cfg = compose_config(["model=pose_free", *size])
-        dataset = make_dataset(cfg, Path(a.data_root), "test", evaluation=True, load_depth=True)
-        if a.min_context_gap is not None:
-            with_min_context_gap(dataset, a.min_context_gap)
-        n = len(dataset) if a.max_scenes is None else min(len(dataset), a.max_scenes)
+        dataset, n = test_split(cfg, Path(a.data_root))
         results["reference"] = reference(dataset, n)
     for ckpt in a.checkpoints:
         model, state = model_from_checkpoint(ckpt)
@@ -243,14 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"{ckpt}: not a pose-free checkpoint")
         cfg = OmegaConf.create(state["config"])
         root = Path(a.data_root) if a.data_root else prepare_data(cfg.data)
-        dataset = make_dataset(cfg, root, "test", evaluation=True, load_depth=True)
-        if a.min_context_gap is not None:
-            with_min_context_gap(dataset, a.min_context_gap)
+        dataset, n = test_split(cfg, root)
         sweep = getattr(model, "depth_source", "monocular") == "sweep"
         poses = {"predicted": ("predicted",), "true": ("true",), "both": ("predicted", "true")}[a.sweep_poses]
         for which in poses if sweep else ("predicted",):
             started = time.perf_counter()
-            n = len(dataset) if a.max_scenes is None else min(len(dataset), a.max_scenes)
             records, reprojection = [], []
             for i in range(n):
                 batch = pose_free.first_view_frame(default_collate([dataset[i]]))
