@@ -269,6 +269,42 @@ class _Encoder(nn.Module):
         return self.fuse(torch.cat([x, low], dim=1))
 
 
+class _DepthUNet(nn.Module):
+    """``[M, 3, H, W]`` image → ``[M, H, W]`` depth logit: a three-level U-Net (widths
+    ``w``, ``2w``, ``4w``; H and W divisible by 4) over the image and two pixel-coordinate
+    channels, a monocular depth network of its own (``depth_net="unet"``), with more
+    reach and capacity than the per-pixel head."""
+
+    def __init__(self, width: int):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.SiLU())
+
+        w = width
+        self.enc1, self.enc2, self.enc3 = block(5, w), block(w, 2 * w), block(2 * w, 4 * w)
+        self.dec2, self.dec1 = block(6 * w, 2 * w), block(3 * w, w)
+        self.out = nn.Conv2d(w, 1, 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        M, _, H, W = images.shape
+        if H % 4 or W % 4:
+            raise ValueError(f"depth_net='unet': image height and width must be divisible by 4, got {H}x{W}")
+        ys = torch.linspace(-1.0, 1.0, H, dtype=images.dtype, device=images.device)
+        xs = torch.linspace(-1.0, 1.0, W, dtype=images.dtype, device=images.device)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # [2, H, W]: x, y
+        x1 = self.enc1(torch.cat([images, grid.expand(M, 2, H, W)], dim=1))
+        x2 = self.enc2(F.avg_pool2d(x1, 2))
+        x3 = self.enc3(F.avg_pool2d(x2, 2))
+        x2 = self.dec2(torch.cat([x2, F.interpolate(x3, scale_factor=2.0)], dim=1))
+        x1 = self.dec1(torch.cat([x1, F.interpolate(x2, scale_factor=2.0)], dim=1))
+        return self.out(x1)[:, 0]
+
+
+DEPTH_NETS = ("head", "unet")
+
+
 class PoseFreeModel(nn.Module):
     """Unposed context views (intrinsics known) → Gaussians, poses and Λ.
 
@@ -350,6 +386,11 @@ class PoseFreeModel(nn.Module):
             poses in training as at test time; ``"ground_truth"``: in training mode
             (``model.training``) :func:`predict` gives the sweep the batch's true context
             poses (teacher forcing; at test time, in eval mode, the predicted ones).
+        depth_net: ``"head"`` (the default): the depth is a channel of the per-pixel
+            head; ``"unet"`` (``depth_source="monocular"`` only): a monocular U-Net of its
+            own over each image and the pixel coordinates (widths ``depth_net_width``, 2×,
+            4×; image sides divisible by 4) gives it, through the same inverse-depth range.
+        depth_net_width: the U-Net's first width.
         attach: ``"world"``: the layer refines the Gaussians in the first view's frame;
             ``"camera"``: each view's Gaussians in that view's camera frame, placed in the
             world by its current pose (``gaussian_splatting_posed(attach="camera")``), so
@@ -391,6 +432,8 @@ class PoseFreeModel(nn.Module):
         sweep_depth_refine: float = 0.3,
         sweep_pose_gradient: bool = True,
         sweep_training_poses: str = "predicted",
+        depth_net: str = "head",
+        depth_net_width: int = 32,
         name: str = "pose_free",
     ):
         super().__init__()
@@ -422,6 +465,14 @@ class PoseFreeModel(nn.Module):
             raise ValueError(f"sweep_training_poses: expected 'predicted' or 'ground_truth', "
                              f"got {sweep_training_poses!r}")
         self.sweep_training_poses = sweep_training_poses
+        if not isinstance(depth_net, str) or depth_net not in DEPTH_NETS:
+            raise ValueError(f"depth_net: expected one of {', '.join(map(repr, DEPTH_NETS))}, got {depth_net!r}")
+        if depth_net == "unet" and depth_source != "monocular":
+            raise ValueError(f"depth_net='unet' is a monocular depth network: it needs depth_source='monocular', "
+                             f"got {depth_source!r}")
+        if isinstance(depth_net_width, bool) or not isinstance(depth_net_width, int) or depth_net_width < 1:
+            raise ValueError(f"depth_net_width: expected an integer >= 1, got {depth_net_width!r}")
+        self.depth_net = depth_net
         rotation_init = values[-1] if lam_pose_rotation is None else float(lam_pose_rotation)
         self.register_buffer("lam_pose_init", torch.tensor([values[-1]] * 3 + [rotation_init] * 3),
                              persistent=False)
@@ -464,6 +515,8 @@ class PoseFreeModel(nn.Module):
             # Inputs: [image_v, f_v, f_0, mean_u f_u], the correlation (if any) and the pose net's pooled features.
             self.xview = nn.Sequential(nn.Conv2d(3 + 3 * f + c + h, h, 3, padding=1), _Block(h), nn.SiLU(),
                                        nn.Conv2d(h, 4, 3, padding=1))
+        if depth_net == "unet":
+            self.depth_unet = _DepthUNet(depth_net_width)
         if depth_source == "sweep":  # cost volume + the view's features → logits over the candidates
             D = self.depth_candidates
             self.cost_refine = nn.Sequential(nn.Conv2d(D + f, h, 3, padding=1), _Block(h), nn.SiLU(),
@@ -582,7 +635,9 @@ class PoseFreeModel(nn.Module):
         if self.depth_source == "sweep":
             inv_depth = inv_coarse * torch.exp(self.sweep_depth_refine * torch.tanh(out[..., sl["depth"]][..., 0]))
         else:
-            inv_depth = inv_far + (inv_near - inv_far) * torch.sigmoid(out[..., sl["depth"]][..., 0])
+            logit = (self.depth_unet(images.flatten(0, 1)).unflatten(0, (B, V)) if self.depth_net == "unet"
+                     else out[..., sl["depth"]][..., 0])
+            inv_depth = inv_far + (inv_near - inv_far) * torch.sigmoid(logit)
         depth = 1.0 / inv_depth  # [B, V, H, W]
 
         v_idx, u_idx = torch.meshgrid(torch.arange(H, dtype=images.dtype, device=images.device) + 0.5,
