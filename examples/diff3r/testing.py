@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .data import generate_dataset
 
-__all__ = ["TINY_MODEL", "TINY_POSE_FREE", "TINY_POSE_FREE_TTO", "TINY_SIZE", "tiny_dataset",
-           "tiny_overrides", "tiny_pose_free_batch", "tiny_pose_free_overrides"]
+__all__ = ["TINY_MODEL", "TINY_POSE_FREE", "TINY_POSE_FREE_TTO", "TINY_SIZE", "random_pose_free_inputs",
+           "tiny_dataset", "tiny_overrides", "tiny_pose_free_batch", "tiny_pose_free_overrides"]
 
 TINY_SIZE = 16
 TINY_MODEL = {"feature_channels": 8, "hidden_channels": 8, "depth_candidates": 8}
@@ -61,3 +63,13 @@ def tiny_pose_free_batch(root: str | Path) -> dict:
 
     ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
     return pose_free.first_view_frame(default_collate([ds[0]]))
+
+
+def random_pose_free_inputs(B: int, V: int, H: int = 12, W: int = 12, seed: int = 0):
+    """``(images [B, V, 3, H, W] uniform in [0, 1), normalized intrinsics [B, V, 3, 3]
+    (focal 1, principal point at the centre), near 1, far 10)``: the pose-free model's
+    inputs for shape and gradient tests that need no scene."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(B, V, 3, H, W, generator=g)
+    K = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]]).expand(B, V, 3, 3)
+    return images, K, torch.full((B, V), 1.0), torch.full((B, V), 10.0)

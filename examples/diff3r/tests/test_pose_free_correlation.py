@@ -9,15 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from examples.diff3r import pose_free
-from examples.diff3r.testing import TINY_POSE_FREE, TINY_POSE_FREE_TTO, tiny_dataset, tiny_pose_free_batch
+from examples.diff3r.testing import (
+    TINY_POSE_FREE,
+    TINY_POSE_FREE_TTO,
+    random_pose_free_inputs,
+    tiny_dataset,
+    tiny_pose_free_batch,
+)
 from examples.diff3r.train import build_model, compose_config
-
-
-def _inputs(B: int, V: int, H: int = 12, W: int = 12, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(B, V, 3, H, W, generator=g)
-    K = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]]).expand(B, V, 3, 3)
-    return images, K, torch.full((B, V), 1.0), torch.full((B, V), 10.0)
 
 
 def _channel(dx: int, dy: int, r: int) -> int:
@@ -89,7 +88,7 @@ def test_model_runs_with_correlation_and_its_gradient_reaches_the_encoder(V, est
     assert model.head[0].in_channels == 3 + 3 * f + c
     assert model.pose_net[0].in_channels == 2 * (3 + f) + c
     B, H, W = 2, 12, 12
-    images, K, near, far = _inputs(B, V, H, W)
+    images, K, near, far = random_pose_free_inputs(B, V, H, W)
     out = model(images, K, near, far)
     assert out.depth.shape == (B, V, H, W)
     assert out.theta["means"].shape == (B, V * H * W, 3) and out.theta["pose"].shape == (B, V, 6)
@@ -120,7 +119,7 @@ def test_radius_zero_is_the_model_without_correlation():
     """``correlation_radius=0`` (the default): the same parameters and, from the same
     seed, the same outputs as the model built without the option; its head reads
     ``[image, f_v, f_0, mean f]`` only."""
-    images, K, near, far = _inputs(2, 3)
+    images, K, near, far = random_pose_free_inputs(2, 3)
     outs = []
     for kwargs in ({}, {"correlation_radius": 0}):
         torch.manual_seed(3)

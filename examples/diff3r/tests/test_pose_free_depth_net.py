@@ -7,22 +7,21 @@ import pytest
 import torch
 
 from examples.diff3r import pose_free
-from examples.diff3r.testing import TINY_POSE_FREE, TINY_POSE_FREE_TTO, tiny_dataset, tiny_pose_free_batch
+from examples.diff3r.testing import (
+    TINY_POSE_FREE,
+    TINY_POSE_FREE_TTO,
+    random_pose_free_inputs,
+    tiny_dataset,
+    tiny_pose_free_batch,
+)
 from examples.diff3r.train import build_model, compose_config
-
-
-def _inputs(B: int, V: int, H: int = 12, W: int = 12, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(B, V, 3, H, W, generator=g)
-    K = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]]).expand(B, V, 3, 3)
-    return images, K, torch.full((B, V), 1.0), torch.full((B, V), 10.0)
 
 
 @pytest.mark.parametrize("V", [2, 4])
 def test_depths_come_from_the_unet_and_its_gradient_reaches_it(V):
     torch.manual_seed(0)
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE, depth_net="unet", depth_net_width=4)
-    images, K, near, far = _inputs(2, V)
+    images, K, near, far = random_pose_free_inputs(2, V)
     out = model(images, K, near, far)
     assert out.depth.shape == (2, V, 12, 12)
     depth = out.depth.detach()
@@ -55,7 +54,7 @@ def test_render_loss_through_the_layer_reaches_the_unet(tmp_path):
 
 
 def test_head_is_the_model_without_the_unet():
-    images, K, near, far = _inputs(2, 3)
+    images, K, near, far = random_pose_free_inputs(2, 3)
     outs = []
     for kwargs in ({}, {"depth_net": "head", "depth_net_width": 7}):
         torch.manual_seed(3)
@@ -84,7 +83,7 @@ def test_bad_options_are_rejected_naming_them(kwargs, message):
 def test_image_size_not_divisible_by_four_is_named():
     model = pose_free.PoseFreeModel(**TINY_POSE_FREE, depth_net="unet", depth_net_width=2)
     with pytest.raises(ValueError, match=r"depth_net='unet': image height and width must be divisible by 4, got 10x12"):
-        model(*_inputs(1, 2, H=10, W=12))
+        model(*random_pose_free_inputs(1, 2, H=10, W=12))
 
 
 def test_config_passes_the_option_and_the_preset_is_the_head():

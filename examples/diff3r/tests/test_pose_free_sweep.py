@@ -17,17 +17,16 @@ from difftto.problems.splatting.se3 import se3_exp, se3_log
 from examples.diff3r import pose_free
 from examples.diff3r.model import pixel_rays, sweep_correlation
 from examples.diff3r.pose_free_depth_errors import depth_errors, true_sweep_pose
-from examples.diff3r.testing import TINY_POSE_FREE, TINY_POSE_FREE_TTO, tiny_dataset, tiny_pose_free_batch
+from examples.diff3r.testing import (
+    TINY_POSE_FREE,
+    TINY_POSE_FREE_TTO,
+    random_pose_free_inputs,
+    tiny_dataset,
+    tiny_pose_free_batch,
+)
 from examples.diff3r.train import build_model, compose_config
 
 SWEEP = {**TINY_POSE_FREE, "depth_source": "sweep", "depth_candidates": 8}
-
-
-def _inputs(B: int, V: int, H: int = 12, W: int = 12, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(B, V, 3, H, W, generator=g)
-    K = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]]).expand(B, V, 3, 3)
-    return images, K, torch.full((B, V), 1.0), torch.full((B, V), 10.0)
 
 
 def _rot_y(deg: float) -> torch.Tensor:
@@ -151,7 +150,7 @@ def test_sweep_model_shapes_and_its_initial_depth(V):
     assert model.head[0].in_channels == 3 + 3 * f + D + 1
     assert model.cost_refine[0].in_channels == D + f and model.cost_refine[-1].out_channels == D
     B, H, W = 2, 12, 12
-    images, K, near, far = _inputs(B, V, H, W)
+    images, K, near, far = random_pose_free_inputs(B, V, H, W)
     out = model(images, K, near, far)
     assert out.depth.shape == (B, V, H, W)
     assert out.theta["means"].shape == (B, V * H * W, 3) and out.theta["pose"].shape == (B, V, 6)
@@ -173,7 +172,7 @@ def test_gradients_reach_the_encoder_and_the_pose_head_unless_detached(pose_grad
     with torch.no_grad():  # non-trivial poses and a cost refinement that is not zero
         model.pose_out.bias[:6] = torch.tensor([0.3, -0.2, 0.1, 0.05, -0.04, 0.03])
         torch.nn.init.normal_(model.cost_refine[-1].weight, std=0.1)
-    images, K, near, far = _inputs(2, 3)
+    images, K, near, far = random_pose_free_inputs(2, 3)
     out = model(images, K, near, far)
     torch.log(out.depth).square().mean().backward()
     for name, p in model.encoder.named_parameters():
@@ -235,7 +234,7 @@ def test_monocular_is_the_model_without_the_option():
     """``depth_source="monocular"`` (the default; the sweep's other options then unused):
     the same parameters (no cost refinement, the head's input as before) and, from the
     same seed, the same outputs and gradients as the model built without the options."""
-    images, K, near, far = _inputs(2, 3)
+    images, K, near, far = random_pose_free_inputs(2, 3)
     outs = []
     for kwargs in ({}, {"depth_source": "monocular", "depth_candidates": 5, "sweep_depth_refine": 0.1,
                         "sweep_pose_gradient": False}):
