@@ -110,9 +110,9 @@ def shape_parallax(batch) -> torch.Tensor:
     true, K, c2w, rays = _context_geometry(batch)
     w2c = torch.linalg.inv(c2w)
 
-    def at_median(s, d, ray, valid):
-        depth = torch.full_like(true[s], float(true[s][valid].median()))
-        return _project(ray, depth, c2w[s], w2c[d], K[d])[0]
+    def at_median(s, d, ray, valid, depth):
+        flat = torch.full_like(depth, float(true[s][valid].median()))
+        return _project(ray, flat, c2w[s], w2c[d], K[d])[0]
 
     return _displacements(true, K, c2w, rays, at_median)
 
@@ -133,8 +133,9 @@ def _context_geometry(batch):
 
 def _displacements(true, K, c2w, rays, other) -> torch.Tensor:
     """For every ordered pair of context views ``(s, d)``: each pixel of ``s`` at its true
-    depth projected into ``d`` with the true cameras, against ``other(s, d, ray, valid)``
-    (pixel coordinates in ``d`` ``[H, W, 2]``); the distances (pixels of ``d``) where the
+    depth projected into ``d`` with the true cameras, against ``other(s, d, ray, valid,
+    depth)`` (``depth``: ``s``'s true depths, 1 where not ``valid``; pixel coordinates in
+    ``d`` ``[H, W, 2]``); the distances (pixels of ``d``) where the
     true projection lands inside ``d`` in front of it, as one 1-D tensor."""
     V, H, W = true.shape
     w2c = torch.linalg.inv(c2w)
@@ -148,7 +149,7 @@ def _displacements(true, K, c2w, rays, other) -> torch.Tensor:
             at_true, z = _project(rays[s], depth, c2w[s], w2c[d], K[d])
             seen = valid & (z > 0) & (at_true[..., 0] >= 0) & (at_true[..., 0] <= W) & (at_true[..., 1] >= 0) \
                 & (at_true[..., 1] <= H)
-            out.append((at_true - other(s, d, rays[s], valid)).norm(dim=-1)[seen])
+            out.append((at_true - other(s, d, rays[s], valid, depth)).norm(dim=-1)[seen])
     return torch.cat(out)
 
 
@@ -167,8 +168,7 @@ def pose_reprojection_error(batch, pose: torch.Tensor) -> torch.Tensor:
     pred_c2w[:, :3, 3] = pred_c2w[:, :3, 3] * factor[:, None]
     pred_w2c = torch.linalg.inv(pred_c2w)
 
-    def at_pred(s, d, ray, valid):
-        depth = torch.where(valid, true[s], torch.ones_like(true[s]))
+    def at_pred(s, d, ray, valid, depth):
         return _project(ray, depth, pred_c2w[s], pred_w2c[d], K[d])[0]
 
     return _displacements(true, K, c2w, rays, at_pred)
