@@ -258,6 +258,34 @@ def _non_finite(loss: float, grad_norm: float) -> str | None:
     return None
 
 
+def lr_schedule(steps: int, warmup: int = 0, final: float | None = None, decay_from: int = 0):
+    """The factor on the configured ``lr`` at optimizer step ``s`` (0-based), as a function
+    for ``LambdaLR``: a linear warm-up over ``warmup`` steps, then constant, or with
+    ``final`` (a fraction of ``lr``) a cosine decay from step ``decay_from`` down to
+    ``final`` at step ``steps``. The factor depends on ``steps``: a run resumed with a
+    larger ``steps`` continues on the longer schedule.
+
+    Raises:
+        ValueError: ``final`` outside [0, 1], or ``decay_from`` not in [0, steps).
+    """
+    warmup = max(1, int(warmup))
+    if final is not None:
+        final = float(final)
+        if not 0.0 <= final <= 1.0:
+            raise ValueError(f"lr_final must be a fraction of lr in [0, 1] (or null for a constant lr), got {final}")
+        if not 0 <= decay_from < steps:
+            raise ValueError(f"lr_decay_from must be a step in [0, steps={steps}), got {decay_from}")
+
+    def factor(s: int) -> float:
+        f = min(1.0, (s + 1) / warmup)
+        if final is not None and s > decay_from:
+            t = min(1.0, (s - decay_from) / (steps - decay_from))
+            f *= final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return f
+
+    return factor
+
+
 def train(cfg: DictConfig) -> dict:
     """Train as ``cfg`` says; returns a summary (out_dir, checkpoint, last logged record, seconds)."""
     mode = cfg.mode
@@ -285,8 +313,9 @@ def train(cfg: DictConfig) -> dict:
     core = build_model(cfg.model).to(device)
     model = dctx.wrap(core, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg.lr))
-    warmup = max(1, int(cfg.get("lr_warmup", 0)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    schedule = lr_schedule(int(cfg.steps), int(cfg.get("lr_warmup", 0)), cfg.get("lr_final"),
+                           int(cfg.get("lr_decay_from") or 0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     is_pose_free = pose_free.is_pose_free(cfg.model)  # poses in θ, cameras in the first context view's frame
     if is_pose_free and mode.through_layer:
         layer = pose_free.build_layer(cfg.tto, mode.backward, float(cfg.model.tto_pose_lr))
