@@ -352,6 +352,10 @@ class PoseFreeModel(nn.Module):
             against the training views' ground-truth depths (:func:`depth_loss`; needs
             data with depth, the procedural generator's; every mode; 0: off). Training
             only: the model reads no depth at test time.
+        depth_supervision_scale_invariance: ``λ`` in ``[0, 1]``: that term's per-view
+            mean log-depth error is subtracted ``λ`` times (:func:`depth_loss`), so
+            ``1`` scores the depth map's shape alone and leaves its scale to the other
+            losses, ``0`` (default) is the plain absolute log error.
         pose_estimator: ``"head"``: the pose head's twist; ``"procrustes"``: a cross-view
             point-map head predicts, for each pixel of view ``v``, its 3D point in the
             first view's frame and a weight, and the weighted Procrustes
@@ -422,6 +426,7 @@ class PoseFreeModel(nn.Module):
         depth_agreement_one_sided: bool = False,
         depth_agreement_contrast: float = 0.0,
         depth_supervision: float = 0.0,
+        depth_supervision_scale_invariance: float = 0.0,
         pose_estimator: str = "head",
         pose_lam: str = "camera",
         lam_pose_rotation: float | None = None,
@@ -493,6 +498,10 @@ class PoseFreeModel(nn.Module):
         self.depth_agreement_one_sided = _check_bool("depth_agreement_one_sided", depth_agreement_one_sided)
         self.depth_agreement_contrast = _check_contrast("depth_agreement_contrast", depth_agreement_contrast)
         self.depth_supervision = _non_negative("depth_supervision", depth_supervision)
+        self.depth_supervision_scale_invariance = float(depth_supervision_scale_invariance)
+        if not 0.0 <= self.depth_supervision_scale_invariance <= 1.0:
+            raise ValueError("depth_supervision_scale_invariance must be in [0, 1] (0: absolute log error, 1: "
+                             f"scale-invariant), got {depth_supervision_scale_invariance!r}")
         self.register_buffer("lam_init", torch.tensor(values), persistent=False)
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
                              persistent=False)
@@ -995,10 +1004,15 @@ def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], form
     return loss / (wrong + 1e-12)
 
 
-def depth_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> Tensor:
+def depth_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], scale_invariance: float = 0.0) -> Tensor:
     """Mean absolute log-depth error of the predicted context depths against the
     batch's ``context_depths`` (``[B, V, H, W]``, z-depth; pixels with a non-positive
     or non-finite depth are left out). A scalar.
+
+    With ``scale_invariance`` ``λ`` each view's error is ``|r − λ·mean(r)|``, ``r`` the
+    log ratio and the mean over that view's valid pixels: ``λ = 1`` ignores a per-view
+    scale of the depths (as the shape error of ``pose_free_depth_errors.py``), ``λ = 0``
+    is the absolute error.
 
     Raises:
         KeyError: when the batch holds no ``context_depths`` (train with data that stores depth).
@@ -1008,8 +1022,11 @@ def depth_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor]) -> Tensor:
                        "store depth, as the procedural generator does)")
     gt = batch["context_depths"].to(pred.depth.dtype)
     valid = torch.isfinite(gt) & (gt > 0)
-    err = (torch.log(pred.depth) - torch.log(torch.where(valid, gt, torch.ones_like(gt)))).abs()
-    return (err * valid).sum() / valid.sum().clamp_min(1)
+    r = (torch.log(pred.depth) - torch.log(torch.where(valid, gt, torch.ones_like(gt)))) * valid
+    if scale_invariance:
+        mean = r.sum((-2, -1), keepdim=True) / valid.sum((-2, -1), keepdim=True).clamp_min(1)
+        r = (r - scale_invariance * mean) * valid
+    return r.abs().sum() / valid.sum().clamp_min(1)
 
 
 def gaussians_only(theta: Mapping[str, Tensor]) -> dict[str, Tensor]:

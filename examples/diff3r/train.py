@@ -400,7 +400,8 @@ def train(cfg: DictConfig) -> dict:
                     out.prediction, batch, form=core.depth_agreement_form, one_sided=core.depth_agreement_one_sided,
                     contrast=core.depth_agreement_contrast)
             if is_pose_free and core.depth_supervision > 0:  # training views' depths (data with depth)
-                loss = loss + core.depth_supervision * pose_free.depth_loss(out.prediction, batch)
+                loss = loss + core.depth_supervision * pose_free.depth_loss(
+                    out.prediction, batch, core.depth_supervision_scale_invariance)
             if lpips_module is not None:
                 loss = loss + float(cfg.loss.lpips) * lpips_distance(lpips_module, out.render, target).mean()
             optimizer.zero_grad(set_to_none=True)

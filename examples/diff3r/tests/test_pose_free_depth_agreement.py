@@ -406,6 +406,51 @@ def test_depth_loss_against_known_depths(root):
         pose_free.depth_loss(pred, {k: v for k, v in batch.items() if k != "context_depths"})
 
 
+@settings(max_examples=20, deadline=None)
+@given(scale=st.floats(0.2, 5.0), lam=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_scale_invariant_depth_loss(root, scale, lam, seed):
+    """λ = 1 ignores a per-view scale of the depths, λ = 0 is the absolute error, and a
+    uniformly scaled map scores (1 − λ)|log s| (invalid pixels left out); against a direct
+    per-view computation for random depths."""
+    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0, load_depth=True)
+    batch = pose_free.first_view_frame(default_collate([ds[0]]))
+    gt = batch["context_depths"].double().clone()
+    gt[0, 0, :2] = 0.0
+    gt[0, 1, -1] = float("inf")
+    batch = dict(batch, context_depths=gt)
+    g = torch.Generator().manual_seed(seed)
+    depth = gt.clamp(0.5, 20.0) * torch.exp(0.3 * torch.randn(gt.shape, generator=g, dtype=torch.float64))
+    per_view = scale * torch.exp(torch.randn(gt.shape[:2], generator=g, dtype=torch.float64))[..., None, None]
+
+    def loss(d, invariance):
+        return float(pose_free.depth_loss(pose_free.PoseFreeOutput({}, {}, d), batch, invariance))
+
+    assert loss(per_view * depth, 1.0) == pytest.approx(loss(depth, 1.0), rel=1e-9, abs=1e-12)
+    flat = torch.where(torch.isfinite(gt) & (gt > 0), gt, torch.ones_like(gt))
+    assert loss(scale * flat, lam) == pytest.approx((1 - lam) * abs(math.log(scale)), rel=1e-9, abs=1e-12)
+    valid = torch.isfinite(gt) & (gt > 0)
+    r = torch.log(depth) - torch.log(flat)
+    want = sum(float((r[0, v][valid[0, v]] - lam * r[0, v][valid[0, v]].mean()).abs().sum())
+               for v in range(gt.shape[1])) / float(valid.sum())
+    assert loss(depth, lam) == pytest.approx(want, rel=1e-9)
+
+
+def test_scale_invariance_option_is_checked_and_reaches_the_loss(root, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="depth_supervision_scale_invariance"):
+        pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8, depth_supervision_scale_invariance=1.5)
+    seen, depth_loss = [], pose_free.depth_loss
+
+    def recording(pred, batch, scale_invariance=0.0):
+        seen.append(scale_invariance)
+        return depth_loss(pred, batch, scale_invariance)
+
+    monkeypatch.setattr(pose_free, "depth_loss", recording)
+    for name, lam in (("plain", 0.0), ("invariant", 0.75)):
+        train(compose_config(tiny_pose_free_overrides(root, tmp_path / name, "zero_shot")
+                             + ["model.depth_supervision=1", f"model.depth_supervision_scale_invariance={lam}"]))
+    assert seen == [0.0, 0.75]
+
+
 def test_training_with_depth_supervision_loads_depth(root, tmp_path):
     def run(name, extra):
         return train(compose_config(tiny_pose_free_overrides(root, tmp_path / name, "zero_shot") + extra))
