@@ -1011,8 +1011,8 @@ def depth_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], scale_invarian
 
     With ``scale_invariance`` ``λ`` each view's error is ``|r − λ·mean(r)|``, ``r`` the
     log ratio and the mean over that view's valid pixels: ``λ = 1`` ignores a per-view
-    scale of the depths (as the shape error of ``pose_free_depth_errors.py``), ``λ = 0``
-    is the absolute error.
+    scale of the depths (as ``pose_free_depth_errors.py``'s per-view shape error does,
+    which subtracts the median instead), ``λ = 0`` is the absolute error.
 
     Raises:
         KeyError: when the batch holds no ``context_depths`` (train with data that stores depth).
