@@ -131,14 +131,16 @@ def _check_depth_agreement_form(name: str, form: Any) -> str:
     return form
 
 
-def _check_contrast(name: str, value: Any) -> float:
-    """``value`` as a float in ``[0, 1)``; a ``ValueError`` naming ``name`` and ``value`` otherwise."""
+def _check_fraction(name: str, value: Any, one: bool = False) -> float:
+    """``value`` as a float in ``[0, 1)`` (``[0, 1]`` with ``one``); a ``ValueError``
+    naming ``name`` and ``value`` otherwise."""
+    interval = "[0, 1]" if one else "[0, 1)"
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}") from None
-    if not 0 <= out < 1:  # also rejects nan
-        raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
+        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}") from None
+    if not (0 <= out <= 1 if one else 0 <= out < 1):  # also rejects nan
+        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
     return out
 
 
@@ -149,10 +151,11 @@ def _check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def _check_radius(name: str, value: Any) -> int:
-    """``value`` if it is an int ``>= 0`` (not a bool); a ``ValueError`` naming ``name`` and ``value`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+def _check_int(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` if it is an int ``>= minimum`` (not a bool); a ``ValueError`` naming
+    ``name`` and ``value`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -176,7 +179,7 @@ def local_correlation(feats: Tensor, radius: int, pairwise: bool = False) -> Ten
     Raises:
         ValueError: for a ``radius`` that is not an integer ``>= 0``.
     """
-    r = _check_radius("radius", radius)
+    r = _check_int("radius", radius)
     B, V, C, H, W = feats.shape
     k = 2 * r + 1
     fn = F.normalize(feats, dim=2)
@@ -453,17 +456,15 @@ class PoseFreeModel(nn.Module):
         if attach not in ("world", "camera"):
             raise ValueError(f"attach: expected 'world' or 'camera', got {attach!r}")
         self.pose_estimator, self.pose_lam, self.attach = pose_estimator, pose_lam, attach
-        self.correlation_radius = _check_radius("correlation_radius", correlation_radius)
+        self.correlation_radius = _check_int("correlation_radius", correlation_radius)
         if not isinstance(depth_source, str) or depth_source not in DEPTH_SOURCES:
             raise ValueError(f"depth_source: expected one of {', '.join(map(repr, DEPTH_SOURCES))}, "
                              f"got {depth_source!r}")
         if depth_source == "sweep" and pose_estimator != "head":
             raise ValueError("depth_source='sweep' needs pose_estimator='head' (the procrustes estimator's pose "
                              "is computed from the depths the sweep would need it for)")
-        if isinstance(depth_candidates, bool) or not isinstance(depth_candidates, int) or depth_candidates < 2:
-            raise ValueError(f"depth_candidates: expected an integer >= 2, got {depth_candidates!r}")
         self.depth_source = depth_source
-        self.depth_candidates = depth_candidates
+        self.depth_candidates = _check_int("depth_candidates", depth_candidates, minimum=2)
         self.sweep_depth_refine = _non_negative("sweep_depth_refine", sweep_depth_refine)
         self.sweep_pose_gradient = _check_bool("sweep_pose_gradient", sweep_pose_gradient)
         if sweep_training_poses not in ("predicted", "ground_truth"):
@@ -475,8 +476,7 @@ class PoseFreeModel(nn.Module):
         if depth_net == "unet" and depth_source != "monocular":
             raise ValueError(f"depth_net='unet' is a monocular depth network: it needs depth_source='monocular', "
                              f"got {depth_source!r}")
-        if isinstance(depth_net_width, bool) or not isinstance(depth_net_width, int) or depth_net_width < 1:
-            raise ValueError(f"depth_net_width: expected an integer >= 1, got {depth_net_width!r}")
+        _check_int("depth_net_width", depth_net_width, minimum=1)
         self.depth_net = depth_net
         rotation_init = values[-1] if lam_pose_rotation is None else float(lam_pose_rotation)
         self.register_buffer("lam_pose_init", torch.tensor([values[-1]] * 3 + [rotation_init] * 3),
@@ -496,12 +496,10 @@ class PoseFreeModel(nn.Module):
         self.depth_agreement = _non_negative("depth_agreement", depth_agreement)
         self.depth_agreement_form = _check_depth_agreement_form("depth_agreement_form", depth_agreement_form)
         self.depth_agreement_one_sided = _check_bool("depth_agreement_one_sided", depth_agreement_one_sided)
-        self.depth_agreement_contrast = _check_contrast("depth_agreement_contrast", depth_agreement_contrast)
+        self.depth_agreement_contrast = _check_fraction("depth_agreement_contrast", depth_agreement_contrast)
         self.depth_supervision = _non_negative("depth_supervision", depth_supervision)
-        self.depth_supervision_scale_invariance = float(depth_supervision_scale_invariance)
-        if not 0.0 <= self.depth_supervision_scale_invariance <= 1.0:
-            raise ValueError("depth_supervision_scale_invariance must be in [0, 1] (0: absolute log error, 1: "
-                             f"scale-invariant), got {depth_supervision_scale_invariance!r}")
+        self.depth_supervision_scale_invariance = _check_fraction(
+            "depth_supervision_scale_invariance", depth_supervision_scale_invariance, one=True)
         self.register_buffer("lam_init", torch.tensor(values), persistent=False)
         self.register_buffer("pose_scale", torch.tensor([pose_translation] * 3 + [pose_rotation] * 3),
                              persistent=False)
@@ -966,7 +964,7 @@ def depth_agreement_loss(pred: PoseFreeOutput, batch: Mapping[str, Tensor], form
     """
     _check_depth_agreement_form("form", form)
     _check_bool("one_sided", one_sided)
-    contrast = _check_contrast("contrast", contrast)
+    contrast = _check_fraction("contrast", contrast)
     depth = pred.depth
     B, V, H, W = depth.shape
     imgs = batch["context_images"]
