@@ -293,6 +293,13 @@ def root(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("tiny_pose_free_depth") / "data")
 
 
+@pytest.fixture(scope="module")
+def depth_batch(root):
+    """The first training scene with its context depths, in the first view's frame."""
+    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0, load_depth=True)
+    return pose_free.first_view_frame(default_collate([ds[0]]))
+
+
 @pytest.mark.parametrize("form,one_sided,contrast", [("inverse", False, 0.0), ("log", False, 0.0),
                                                       ("relative", False, 0.0), ("relative", True, 0.0),
                                                       ("log", True, 0.0), ("relative", True, 0.5),
@@ -384,9 +391,8 @@ def test_training_adds_the_term_in_zero_shot(root, tmp_path, extra):
 # ------------------------------------------------------ supervised depth (training only)
 
 
-def test_depth_loss_against_known_depths(root):
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0, load_depth=True)
-    batch = pose_free.first_view_frame(default_collate([ds[0]]))
+def test_depth_loss_against_known_depths(depth_batch):
+    batch = depth_batch
     torch.manual_seed(0)
     model = pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8)
     pred = pose_free.predict(model, batch)
@@ -408,16 +414,14 @@ def test_depth_loss_against_known_depths(root):
 
 @settings(max_examples=20, deadline=None)
 @given(scale=st.floats(0.2, 5.0), lam=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
-def test_scale_invariant_depth_loss(root, scale, lam, seed):
+def test_scale_invariant_depth_loss(depth_batch, scale, lam, seed):
     """λ = 1 ignores a per-view scale of the depths, λ = 0 is the absolute error, and a
     uniformly scaled map scores (1 − λ)|log s| (invalid pixels left out); against a direct
     per-view computation for random depths."""
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0, load_depth=True)
-    batch = pose_free.first_view_frame(default_collate([ds[0]]))
-    gt = batch["context_depths"].double().clone()
+    gt = depth_batch["context_depths"].double().clone()
     gt[0, 0, :2] = 0.0
     gt[0, 1, -1] = float("inf")
-    batch = dict(batch, context_depths=gt)
+    batch = dict(depth_batch, context_depths=gt)
     g = torch.Generator().manual_seed(seed)
     depth = gt.clamp(0.5, 20.0) * torch.exp(0.3 * torch.randn(gt.shape, generator=g, dtype=torch.float64))
     per_view = scale * torch.exp(torch.randn(gt.shape[:2], generator=g, dtype=torch.float64))[..., None, None]
