@@ -6,7 +6,11 @@ so the right-hand side is not zero), the exact Hessian and no preconditioner, as
 over ``--calls`` calls after ``--warmup`` untimed ones, split into the operator set-up
 (``InnerObjective.hessian_operator``: trace look-up, constants, checks) and the PCG loop
 (``solvers.pcg._pcg_loop``), both timed by wrapping them; the rest is the autograd glue.
-Prints one JSON line per case (medians, ms; PCG iterations; µs per iteration).
+On the compiled path the loop is split further: PCG's compiled start and finish, the
+compiled step calls (one or several iterations with the product each; the first call of
+a backward apart from the later ones) and the loop's other work (host looks, the true
+residual at the end). Prints one JSON line per case (medians, ms; PCG iterations; µs per
+iteration).
 
 ``--compare NAME`` runs each case in the same process, in turns (``--pairs`` times each,
 fresh traces each time), with one of the library's speed-ups off and on, and prints both
@@ -76,31 +80,78 @@ def profile(problem: str, n: int, compiled: bool, calls: int, warmup: int) -> di
                                    backend="compiled" if compiled else "auto"))
     spent: dict[str, list[float]] = {}
     restore = [_timed(pcg_module, "_pcg_loop", spent), _timed(InnerObjective, "hessian_operator", spent)]
+    steps: list[list[float]] = []  # per backward: the time of each compiled step call
+    if compiled:
+        from difftto.solvers import compiled as compiled_module
+
+        ops = compiled_module.vector_ops(theta0)
+        restore += [_timed(ops, "start", spent), _timed(ops, "finish", spent),
+                    _timed_calls(ops, "product_step", steps)]
     try:
         total, iterations = [], 0
         for k in range(warmup + calls):
             if k == warmup:
                 spent.clear()
+                steps.clear()
             t0, lm = theta0.clone().requires_grad_(True), lam.clone().requires_grad_(True)
             out, info = layer(t0, lm, data)
+            steps.append([])
             start = time.perf_counter()
             (0.5 * (out - truth).pow(2).sum()).backward()
             if k >= warmup:
                 total.append(time.perf_counter() - start)
             iterations = int(info.backward.iterations.max())
     finally:
-        for undo in restore:
+        for undo in reversed(restore):
             undo()
 
     def ms(values):
         return round(1e3 * statistics.median(values), 3)
 
     loop = ms(spent["_pcg_loop"])
-    return {"problem": problem, "n": n, "compiled": compiled, "calls": calls,
-            "backward_ms": ms(total), "operator_setup_ms": ms(spent["hessian_operator"]),
-            "pcg_loop_ms": loop, "rest_ms": round(ms(total) - ms(spent["hessian_operator"]) - loop, 3),
-            "pcg_iterations": iterations,
-            "us_per_iteration": round(1e3 * loop / iterations, 1) if iterations else None}
+    record = {"problem": problem, "n": n, "compiled": compiled, "calls": calls,
+              "backward_ms": ms(total), "operator_setup_ms": ms(spent["hessian_operator"]),
+              "pcg_loop_ms": loop,
+              "rest_ms": round(ms(total) - ms(spent["hessian_operator"]) - loop, 3),
+              "pcg_iterations": iterations,
+              "us_per_iteration": round(1e3 * loop / iterations, 1) if iterations else None}
+    if compiled and all(steps) and "start" in spent and "finish" in spent:
+        # Inside the loop: PCG's start and finish, and the compiled step calls (each one
+        # or several iterations with the product), the first of a backward apart (it
+        # meets the memory the allocator gave back since the last backward).
+        per_backward = [sum(s) for s in steps]
+        record |= {"pcg_start_ms": ms(spent["start"]), "pcg_finish_ms": ms(spent["finish"]),
+                   "step_calls": len(steps[-1]), "step_calls_ms": ms(per_backward),
+                   "first_step_call_ms": ms([s[0] for s in steps]),
+                   "later_step_call_ms": ms([t for s in steps for t in s[1:]]) if len(steps[-1]) > 1
+                   else None,
+                   "loop_other_ms": round(loop - ms(spent["start"]) - ms(spent["finish"])
+                                          - ms(per_backward), 3)}
+    return record
+
+
+def _timed_calls(owner, name: str, calls: list[list[float]]):
+    """Wraps the factory ``owner.name`` (``owner.product_step``) so that the functions it
+    returns append each call's wall time to the last list of ``calls`` (the caller starts
+    one per backward); returns a function restoring it."""
+    original = getattr(owner, name)
+
+    def factory(*args, **kwargs):
+        made = original(*args, **kwargs)
+        if made is None:
+            return None
+
+        def timed(*a):
+            start = time.perf_counter()
+            try:
+                return made(*a)
+            finally:
+                calls[-1].append(time.perf_counter() - start)
+
+        return timed
+
+    setattr(owner, name, factory)
+    return lambda: setattr(owner, name, original)
 
 
 def _variants(name: str):
