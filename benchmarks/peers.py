@@ -369,7 +369,7 @@ def run_case(case: dict) -> dict:
         torch.save(grad, ref_path)
     ref_grad = torch.load(ref_path) if ref_path.exists() else None
     peak_kib = _status_kib("VmHWM")
-    record |= {"gradient_s": round(grad_s, 4),
+    record |= {"gradient_s": round(grad_s, 6),
                "peak_memory_mb": round(max(peak_kib - baseline_kib, 0) / 1024, 1),
                "peak_reset": reset,
                "agreement_vs": f"difftto ({hessian})",
@@ -515,7 +515,7 @@ def main() -> None:
         fwd = f"{r['forward_s']:.3f}" if "forward_s" in r else "–"
         diff = ("(reference)" if r["method"] in ("difftto", "difftto_exact") else
                 "–" if r["max_rel_diff"] is None else f"{r['max_rel_diff']:.1e}")
-        lines.append(f"| {r['problem']} | {r['n']:,} | {r['method']} | {r['gradient_s']:.3f} | "
+        lines.append(f"| {r['problem']} | {r['n']:,} | {r['method']} | {r['gradient_s']:.4g} | "
                      f"{fwd} | {r['peak_memory_mb']:.1f} | {diff} | {'; '.join(notes)} |")
     lines.append("")
     lines += summary(records)
