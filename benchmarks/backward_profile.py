@@ -117,8 +117,9 @@ def profile(problem: str, n: int, compiled: bool, calls: int, warmup: int) -> di
               "us_per_iteration": round(1e3 * loop / iterations, 1) if iterations else None}
     if compiled and all(steps) and "start" in spent and "finish" in spent:
         # Inside the loop: PCG's start and finish, and the compiled step calls (each one
-        # or several iterations with the product), the first of a backward apart (it
-        # meets the memory the allocator gave back since the last backward).
+        # or several iterations with the product), the first of a backward apart (it is
+        # the slowest; at n = 10⁵ with glibc's trimming off less so: fresh memory is a
+        # part of it).
         per_backward = [sum(s) for s in steps]
         record |= {"pcg_start_ms": ms(spent["start"]), "pcg_finish_ms": ms(spent["finish"]),
                    "step_calls": len(steps[-1]), "step_calls_ms": ms(per_backward),
