@@ -447,10 +447,16 @@ def _is_mutating(node) -> bool:
 def _simplify(graph) -> bool:
     """Removes the no-op copies forward-mode AD leaves in a trace (``expand`` to the same
     shape, ``_to_copy`` to the same dtype/device, ``mul`` by 1) and ``slice(cat(...))``
-    that picks one piece back out. Exact: every rewrite returns the same values. Returns
-    whether it rewrote anything."""
+    that picks one piece back out; and writes as a constant fill a value that reads only
+    its input's shape: ``ones_like`` / ``zeros_like`` / ``full_like`` (e.g. the seed of a
+    traced gradient) and ``x ** 0`` (the second derivative of a square: 1 for every ``x``,
+    NaN and ±inf included), so that what computed ``x`` (e.g. the residuals) drops out of
+    the trace when nothing else reads it. Exact: every rewrite returns the same values
+    (a fill only where the replaced value is contiguous, so the same strides too).
+    Returns whether it rewrote anything."""
     changed = False
     aten = torch.ops.aten
+    fills = {aten.ones_like.default: 1, aten.zeros_like.default: 0}
 
     def val(n):
         return n.meta.get("val") if hasattr(n, "meta") else None
@@ -496,6 +502,21 @@ def _simplify(graph) -> bool:
                             repl = piece
                             break
                         offset += size
+        elif isinstance(out, Tensor) and out.is_contiguous() and not node.kwargs.get("pin_memory"):
+            fill = None
+            if node.target in fills:
+                fill = fills[node.target]
+            elif node.target is aten.full_like.default and len(node.args) > 1:
+                fill = node.args[1]
+            elif (node.target is aten.pow.Tensor_Scalar and len(node.args) == 2
+                  and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool)
+                  and node.args[1] == 0):
+                fill = 1
+            if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+                with graph.inserting_before(node):
+                    repl = graph.call_function(aten.full.default, (list(out.shape), fill),
+                                               {"dtype": out.dtype, "device": out.device})
+                repl.meta = dict(node.meta)
         if repl is not None:
             node.replace_all_uses_with(repl)
             graph.erase_node(node)

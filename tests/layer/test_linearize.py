@@ -536,3 +536,72 @@ def test_fold_keeps_precision_and_size():
     assert folded(lambda c, lo, v: (v * c) * lo, col, low) == (2, 1)  # float32: kept
     assert folded(lambda lo, c, v: (v.float() * lo) * c, low, col) == (2, 1)  # a float32 step: kept
     assert folded(lambda c, r, v: ((v * c) * 2.0) * c, col, row) == (1, 0)  # merged
+
+
+class _Ridge(difftto.Problem):
+    """A linear fit and a difference: its Hessian's constants are ``w²`` and the
+    differences' unit weights, whatever the residuals' values."""
+
+    def residuals(self, theta, data):
+        return torch.cat([data["w"] * theta - data["y"], theta[:, 1:] - theta[:, :-1]], dim=-1)
+
+
+_FILLS = (torch.ops.aten.pow.Tensor_Scalar, torch.ops.aten.ones_like.default,
+          torch.ops.aten.zeros_like.default, torch.ops.aten.full_like.default)
+
+
+@settings(max_examples=20, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=6,
+                       max_size=6),
+       fill=st.floats(-3.0, 3.0, allow_nan=False))
+def test_simplify_writes_shape_only_values_as_fills_exactly(values, fill):
+    """``x ** 0``, ``ones_like``, ``zeros_like`` and ``full_like`` become constant fills
+    (``_simplify``): the same values, bit for bit, at inputs other than the traced one,
+    NaN and ±inf included; a ``*_like`` whose result is not contiguous (it keeps its
+    input's strides) is left as it is."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, t):
+        like = torch.ones_like(t)  # t transposed: ones_like keeps its strides
+        return (x ** 0) * 3 + torch.ones_like(x) + torch.zeros_like(x) + torch.full_like(x, fill), like
+
+    x0, t0 = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64).t()
+    traced = make_fx(f)(x0, t0)
+    assert objective_module._simplify(traced.graph)
+    traced.recompile()
+    kept = [n.target for n in traced.graph.nodes if n.op == "call_function" and n.target in _FILLS]
+    assert kept == [torch.ops.aten.ones_like.default]  # the non-contiguous one only
+    x = torch.tensor(values, dtype=torch.float64).reshape(2, 3)
+    t = torch.randn(3, 2, dtype=torch.float64).t()
+    got, want = traced(x, t), f(x, t)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1]) and got[1].stride() == want[1].stride()
+
+
+def test_hessian_constants_do_not_recompute_the_residuals():
+    """The traced Hessian of ½‖r‖² reads ``r`` only through ``r ** 0`` (the square's second
+    derivative) and the gradient's ``ones_like`` seed: written as fills, the residuals
+    (and their ``cat``) drop out of the constants computed at each linearization point;
+    the product still equals the dense oracle."""
+    batch, n = 2, 7
+    g = torch.Generator().manual_seed(3)
+    dt = torch.float64
+    data = {"w": 0.5 + torch.rand(batch, n, generator=g, dtype=dt),
+            "y": torch.rand(batch, n, generator=g, dtype=dt)}
+    theta = torch.randn(batch, n, generator=g, dtype=dt)
+    lam = 0.1 + torch.rand(batch, n, generator=g, dtype=dt)
+    problem = _Ridge()
+    op = _objective(problem, theta, lam, data, "linearize").hessian_operator(theta)
+    v = torch.randn(batch, n, generator=g, dtype=dt)
+    want = torch.stack([
+        torch.autograd.functional.hessian(
+            lambda t, i=i: 0.5 * problem.residuals(t[None], {k: x[i:i + 1] for k, x in data.items()}
+                                                   ).pow(2).sum(), theta[i]) @ v[i]
+        for i in range(batch)])
+    torch.testing.assert_close(op.mv(v), want + lam * v, rtol=1e-12, atol=1e-12)
+    traced = [t for (k, *_), t in objective_module._TRACES[_Ridge].items() if t is not None]
+    assert traced, "nothing was traced"
+    targets = {node.target for node in traced[-1].constants.graph.nodes if node.op == "call_function"}
+    aten = torch.ops.aten
+    assert not targets & {aten.cat.default, aten.pow.Tensor_Scalar, aten.ones_like.default,
+                          aten.sub.Tensor}, targets
