@@ -53,15 +53,17 @@ def tiny_pose_free_overrides(root: str | Path, out_dir: str | Path, mode: str = 
     return base + ["model=pose_free", *[f"model.{k}={v}" for k, v in TINY_POSE_FREE.items()]]
 
 
-def tiny_pose_free_batch(root: str | Path) -> dict:
+def tiny_pose_free_batch(root: str | Path, load_depth: bool = False) -> dict:
     """The first training example of :func:`tiny_dataset` data as a batch of one, in the
-    first context view's frame (what the pose-free model sees)."""
+    first context view's frame (what the pose-free model sees); with ``load_depth``, with
+    its context depths."""
     from torch.utils.data import default_collate
 
     from . import pose_free
     from .data import RE10KDataset
 
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
+    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0,
+                      load_depth=load_depth)
     return pose_free.first_view_frame(default_collate([ds[0]]))
 
 

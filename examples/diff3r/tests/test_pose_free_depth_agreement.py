@@ -9,12 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import default_collate
 
 from difftto.problems.splatting.se3 import se3_exp
 from examples.diff3r import pose_free
-from examples.diff3r.data import RE10KDataset
-from examples.diff3r.testing import TINY_SIZE, tiny_dataset, tiny_pose_free_overrides
+from examples.diff3r.testing import TINY_SIZE, tiny_dataset, tiny_pose_free_batch, tiny_pose_free_overrides
 from examples.diff3r.train import build_model, compose_config, train
 
 H, W = 10, 12
@@ -296,8 +294,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def depth_batch(root):
     """The first training scene with its context depths, in the first view's frame."""
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0, load_depth=True)
-    return pose_free.first_view_frame(default_collate([ds[0]]))
+    return tiny_pose_free_batch(root, load_depth=True)
 
 
 @pytest.mark.parametrize("form,one_sided,contrast", [("inverse", False, 0.0), ("log", False, 0.0),
@@ -308,8 +305,7 @@ def test_depth_agreement_loss_is_zero_for_consistent_depths_and_positive_otherwi
     """On a tiny batch: the model's depths give a positive loss; depths of one plane in
     the first view's frame, computed for each context camera by the closed form, give 0;
     the loss reaches the depth head."""
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
-    batch = pose_free.first_view_frame(default_collate([ds[0]]))
+    batch = tiny_pose_free_batch(root)
     torch.manual_seed(0)
     model = pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8)
     pred = pose_free.predict(model, batch)
@@ -360,8 +356,7 @@ def test_config_rejects_a_bad_depth_agreement_form_or_side(root):
     depth, K, T = torch.ones(1, H, W), torch.eye(3)[None], torch.eye(4)[None]
     with pytest.raises(ValueError, match=r"form: expected one of 'inverse', 'log', 'relative', got 'Log'$"):
         pose_free.cross_view_inverse_depth(depth, K, K, T, depth, form="Log")
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
-    batch = pose_free.first_view_frame(default_collate([ds[0]]))
+    batch = tiny_pose_free_batch(root)
     pred = pose_free.predict(pose_free.PoseFreeModel(feature_channels=8, hidden_channels=8), batch)
     with pytest.raises(ValueError, match=r"one_sided: expected true or false, got 'yes'$"):
         pose_free.depth_agreement_loss(pred, batch, one_sided="yes")

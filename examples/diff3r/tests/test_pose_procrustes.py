@@ -7,13 +7,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import default_collate
 
 from difftto.problems.splatting.se3 import se3_exp
 from examples.diff3r import pose_free
-from examples.diff3r.data import RE10KDataset
 from examples.diff3r.procrustes import procrustes_rotation, weighted_procrustes
-from examples.diff3r.testing import TINY_POSE_FREE_TTO, TINY_SIZE, tiny_dataset
+from examples.diff3r.testing import TINY_POSE_FREE_TTO, TINY_SIZE, tiny_dataset, tiny_pose_free_batch
 
 seeds = st.integers(0, 2**31 - 1)
 
@@ -121,8 +119,7 @@ def test_shapes_are_checked():
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     root = tiny_dataset(tmp_path_factory.mktemp("tiny_procrustes") / "data")
-    ds = RE10KDataset(root, "train", TINY_SIZE, num_target_views=1, near=1.0, far=15.0)
-    return pose_free.first_view_frame(default_collate([ds[0]]))
+    return tiny_pose_free_batch(root)
 
 
 def _model(**kw):
