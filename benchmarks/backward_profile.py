@@ -62,14 +62,15 @@ def _timed(owner, name: str, spent: dict[str, list[float]]):
     return lambda: setattr(owner, name, original)
 
 
-def profile(problem: str, n: int, compiled: bool, calls: int, warmup: int) -> dict:
+def layer_at(problem: str, n: int, compiled: bool):
+    """``(layer, data, θ0, Λ, truth, θ*)``: difftto's layer over the fixed point ``θ*`` (a
+    perturbed truth) of ``peers.py``'s ``problem`` at size ``n``, the exact Hessian and no
+    preconditioner; with ``compiled``, the compiled path."""
     import torch
     from implicit_vs_unrolled import _Fixed
     from peers import RTOL, _register, setup
 
     import difftto
-    import difftto.solvers.pcg as pcg_module
-    from difftto.objective import InnerObjective
 
     data, theta0, lam, truth = setup(problem, n)
     star = truth + 0.05 * torch.sin(torch.arange(n, dtype=truth.dtype))[None]
@@ -78,6 +79,14 @@ def profile(problem: str, n: int, compiled: bool, calls: int, warmup: int) -> di
         jvp_mode="compile" if compiled else "auto",
         solver=difftto.solvers.PCG(rtol=RTOL, max_iter=min(2 * n, 10_000), preconditioner="identity",
                                    backend="compiled" if compiled else "auto"))
+    return layer, data, theta0, lam, truth, star
+
+
+def profile(problem: str, n: int, compiled: bool, calls: int, warmup: int) -> dict:
+    import difftto.solvers.pcg as pcg_module
+    from difftto.objective import InnerObjective
+
+    layer, data, theta0, lam, truth, _ = layer_at(problem, n, compiled)
     spent: dict[str, list[float]] = {}
     restore = [_timed(pcg_module, "_pcg_loop", spent), _timed(InnerObjective, "hessian_operator", spent)]
     steps: list[list[float]] = []  # per backward: the time of each compiled step call

@@ -39,17 +39,10 @@ sys.path.insert(0, str(HERE))
 
 def _operator_and_rhs(problem: str, n: int):
     """The backward's operator and right-hand side, taken from one backward of the layer."""
-    import torch
-    from implicit_vs_unrolled import _Fixed
-    from peers import RTOL, _register, setup
+    from backward_profile import layer_at
+    from peers import RTOL
 
-    import difftto
-
-    data, theta0, lam, truth = setup(problem, n)
-    star = truth + 0.05 * torch.sin(torch.arange(n, dtype=truth.dtype))[None]
-    layer = difftto.ImplicitLayer(
-        _register(problem), inner=_Fixed(star), hessian="exact", jvp_mode="compile",
-        solver=difftto.solvers.PCG(rtol=RTOL, preconditioner="identity", backend="compiled"))
+    layer, data, theta0, lam, truth, star = layer_at(problem, n, compiled=True)
     made = []
     build = layer._backward_operator
     layer._backward_operator = lambda objective, point: made.append(build(objective, point)) or made[-1]
